@@ -1,0 +1,16 @@
+//! synapse-edge: the public edge for Synapse homeservers split into workers.
+//!
+//! A request's path through the crate: [`config`] (Synapse's own files and
+//! the edge's) → [`topology`] (workers, their inbound sockets, pools) →
+//! [`routes`] (the route table and sticky keys) → [`balancing`]
+//! (rendezvous choice within a pool). [`state`] holds one consistent,
+//! validated snapshot of all of it.
+
+#![forbid(unsafe_code)]
+
+pub mod balancing;
+pub mod cli;
+pub mod config;
+pub mod routes;
+pub mod state;
+pub mod topology;
