@@ -123,7 +123,7 @@ impl<'t> Selector<'t> {
             .iter()
             .map(|&id| (score(key, self.topology.worker(id).identity), id))
             .collect();
-        scored.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        scored.sort_unstable_by_key(|&(s, _)| std::cmp::Reverse(s));
         scored.into_iter().map(|(_, id)| id).collect()
     }
 }

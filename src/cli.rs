@@ -13,10 +13,13 @@ use serde::Serialize;
 use crate::balancing::AllUp;
 use crate::config::Endpoint;
 use crate::state::{EdgeState, RequestView, Sources};
-use crate::topology::PoolSource;
 
 #[derive(Parser, Debug)]
-#[command(name = "synapse-edge", version, about = "The public edge for Synapse homeservers split into workers")]
+#[command(
+    name = "synapse-edge",
+    version,
+    about = "The public edge for Synapse homeservers split into workers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -137,10 +140,15 @@ fn check(config: &ConfigArgs, json: bool) -> ExitCode {
     // Routes whose first-choice pool is empty are served by a fallback.
     let mut fallbacks: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     for r in state.routes.routes() {
-        let Some(first) = r.pool_chain.first() else { continue };
+        let Some(first) = r.pool_chain.first() else {
+            continue;
+        };
         let served_by = &topo.pool(r.pool).name;
         if first != served_by {
-            fallbacks.entry((first, served_by)).or_default().push(&r.name);
+            fallbacks
+                .entry((first, served_by))
+                .or_default()
+                .push(&r.name);
         }
     }
     for ((empty, by), names) in fallbacks {
@@ -171,19 +179,21 @@ fn check(config: &ConfigArgs, json: bool) -> ExitCode {
             .iter()
             .map(|p| PoolReport {
                 name: &p.name,
-                members: p.members.iter().map(|&id| topo.worker(id).name.as_str()).collect(),
-                source: match &p.source {
-                    PoolSource::Patterns(_) | PoolSource::Main | PoolSource::UserDirectory => {
-                        p.source.to_string()
-                    }
-                    PoolSource::StreamWriters(_) => p.source.to_string(),
-                },
+                members: p
+                    .members
+                    .iter()
+                    .map(|&id| topo.worker(id).name.as_str())
+                    .collect(),
+                source: p.source.to_string(),
             })
             .collect(),
         warnings,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
         return ExitCode::SUCCESS;
     }
     println!(
@@ -195,7 +205,10 @@ fn check(config: &ConfigArgs, json: bool) -> ExitCode {
     );
     println!("\nworkers:");
     for w in &report.workers {
-        let inbound = w.inbound.as_deref().unwrap_or("(no inbound listener: not routed)");
+        let inbound = w
+            .inbound
+            .as_deref()
+            .unwrap_or("(no inbound listener: not routed)");
         println!("  {:<20} {inbound}", w.name);
         if !w.streams.is_empty() {
             println!("  {:<20}   writes: {}", "", w.streams.join(", "));
@@ -247,7 +260,9 @@ fn route(
         return ExitCode::from(2);
     };
     if !target.starts_with('/') {
-        eprintln!("synapse-edge: the target must be a path as sent on the wire, e.g. /_matrix/client/v3/sync?since=s1");
+        eprintln!(
+            "synapse-edge: the target must be a path as sent on the wire, e.g. /_matrix/client/v3/sync?since=s1"
+        );
         return ExitCode::from(2);
     }
     let mut map = HeaderMap::new();
@@ -287,7 +302,9 @@ fn route(
         key: d.key.describe(),
         key_kind: d.route.key.to_string(),
         worker: worker.map(|w| w.name.as_str()),
-        upstream: worker.and_then(|w| w.inbound.as_ref()).map(Endpoint::to_string),
+        upstream: worker
+            .and_then(|w| w.inbound.as_ref())
+            .map(Endpoint::to_string),
         candidates: state
             .candidates(&d)
             .iter()

@@ -81,7 +81,11 @@ impl EdgeState {
     }
 
     /// Routes one request: route, pool, sticky key and the chosen worker.
-    pub fn decide<'s, 'q>(&'s self, req: &RequestView<'q>, health: &impl Health) -> Decision<'s, 'q> {
+    pub fn decide<'s, 'q>(
+        &'s self,
+        req: &RequestView<'q>,
+        health: &impl Health,
+    ) -> Decision<'s, 'q> {
         let (path, query) = split_target(req.target);
         let keys = KeySource {
             query,

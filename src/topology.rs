@@ -182,7 +182,11 @@ impl Topology {
                 problems.push(ConfigError::new(
                     &wf.path,
                     "worker_name",
-                    format!("worker `{}` is also defined in {}", wf.name, other.file.display()),
+                    format!(
+                        "worker `{}` is also defined in {}",
+                        wf.name,
+                        other.file.display()
+                    ),
                     "each worker needs a unique worker_name",
                 ));
                 continue;
@@ -225,7 +229,10 @@ impl Topology {
                 problems.push(ConfigError::new(
                     &sw_file,
                     &key,
-                    format!("`{stream}` can only have one writer, {} are listed", names.len()),
+                    format!(
+                        "`{stream}` can only have one writer, {} are listed",
+                        names.len()
+                    ),
                     "keep exactly one writer (Synapse refuses to start otherwise)",
                 ));
             }
@@ -290,14 +297,32 @@ impl Topology {
             if let Some(n) = name {
                 match index.get(n) {
                     Some(id) => workers[id.0 as usize].roles.push(label.to_string()),
-                    None => warnings.push(format!("{label} runs on `{n}`, which has no worker file")),
+                    None => {
+                        warnings.push(format!("{label} runs on `{n}`, which has no worker file"))
+                    }
                 }
             }
         };
-        role(&synapse.run_background_tasks_on, "background tasks", &mut warnings);
-        role(&synapse.update_user_directory_from_worker, "user directory", &mut warnings);
-        role(&synapse.media_instance_running_background_jobs, "media background jobs", &mut warnings);
-        role(&synapse.notify_appservices_from_worker, "appservice notifications", &mut warnings);
+        role(
+            &synapse.run_background_tasks_on,
+            "background tasks",
+            &mut warnings,
+        );
+        role(
+            &synapse.update_user_directory_from_worker,
+            "user directory",
+            &mut warnings,
+        );
+        role(
+            &synapse.media_instance_running_background_jobs,
+            "media background jobs",
+            &mut warnings,
+        );
+        role(
+            &synapse.notify_appservices_from_worker,
+            "appservice notifications",
+            &mut warnings,
+        );
         for n in &synapse.federation_sender_instances {
             role(&Some(n.clone()), "federation sender", &mut warnings);
         }
@@ -344,7 +369,10 @@ impl Topology {
             .iter()
             .map(|(n, p)| (n.to_string(), vec![p.to_string()]))
             .collect();
-        let edge_file = edge.source.clone().unwrap_or_else(|| PathBuf::from("--config"));
+        let edge_file = edge
+            .source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("--config"));
         for (name, pats) in &edge.pools {
             if pools.iter().any(|p| &p.name == name) {
                 problems.push(ConfigError::new(

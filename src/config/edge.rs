@@ -50,12 +50,11 @@ impl EdgeConfig {
             })?
         };
         // A relative route table path is relative to the edge config file.
-        if let Some(routes) = &cfg.routes {
-            if routes.is_relative() {
-                if let Some(dir) = path.parent() {
-                    cfg.routes = Some(dir.join(routes));
-                }
-            }
+        if let Some(routes) = &cfg.routes
+            && routes.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            cfg.routes = Some(dir.join(routes));
         }
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)

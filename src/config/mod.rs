@@ -7,6 +7,6 @@ mod error;
 mod synapse;
 
 pub use edge::EdgeConfig;
-pub use error::{ConfigError, ConfigErrors};
 pub(crate) use error::Problems;
+pub use error::{ConfigError, ConfigErrors};
 pub use synapse::{Endpoint, Listener, MAIN, Stream, SynapseConfig, WorkerFile};

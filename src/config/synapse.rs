@@ -252,55 +252,59 @@ impl SynapseConfig {
                 .filter(|v| !v.is_null())
                 .map(|v| (v.clone(), sources.source_of(key)))
         };
-        if let Some((v, file)) = take("listeners") {
-            if let Some(ls) = typed::<Vec<RawListener>>(&file, "listeners", v, problems) {
-                self.listeners = convert_listeners(&file, "listeners", ls, problems);
-            }
+        if let Some((v, file)) = take("listeners")
+            && let Some(ls) = typed::<Vec<RawListener>>(&file, "listeners", v, problems)
+        {
+            self.listeners = convert_listeners(&file, "listeners", ls, problems);
         }
-        if let Some((v, file)) = take("instance_map") {
-            if let Some(m) = typed::<BTreeMap<String, RawInstance>>(&file, "instance_map", v, problems)
-            {
-                for (name, inst) in m {
-                    let key = format!("instance_map.{name}");
-                    if let Some(e) = inst.endpoint(&file, &key, problems) {
-                        self.instance_map.insert(canonical_name(&name).to_string(), e);
-                    }
+        if let Some((v, file)) = take("instance_map")
+            && let Some(m) =
+                typed::<BTreeMap<String, RawInstance>>(&file, "instance_map", v, problems)
+        {
+            for (name, inst) in m {
+                let key = format!("instance_map.{name}");
+                if let Some(e) = inst.endpoint(&file, &key, problems) {
+                    self.instance_map
+                        .insert(canonical_name(&name).to_string(), e);
                 }
             }
         }
-        if let Some((v, file)) = take("stream_writers") {
-            if let Some(m) = typed::<BTreeMap<String, OneOrMany>>(&file, "stream_writers", v, problems)
-            {
-                for (stream, writers) in m {
-                    let key = format!("stream_writers.{stream}");
-                    let Some(s) = Stream::from_name(&stream) else {
-                        let known: Vec<_> = Stream::ALL.iter().map(|s| s.name()).collect();
-                        problems.push(ConfigError::new(
-                            &file,
-                            key,
-                            format!("unknown stream `{stream}`"),
-                            format!("use one of: {}", known.join(", ")),
-                        ));
-                        continue;
-                    };
-                    let names: Vec<String> = writers
-                        .into_vec()
-                        .iter()
-                        .map(|n| canonical_name(n).to_string())
-                        .collect();
-                    self.stream_writers.insert(s, names);
-                }
+        if let Some((v, file)) = take("stream_writers")
+            && let Some(m) =
+                typed::<BTreeMap<String, OneOrMany>>(&file, "stream_writers", v, problems)
+        {
+            for (stream, writers) in m {
+                let key = format!("stream_writers.{stream}");
+                let Some(s) = Stream::from_name(&stream) else {
+                    let known: Vec<_> = Stream::ALL.iter().map(|s| s.name()).collect();
+                    problems.push(ConfigError::new(
+                        &file,
+                        key,
+                        format!("unknown stream `{stream}`"),
+                        format!("use one of: {}", known.join(", ")),
+                    ));
+                    continue;
+                };
+                let names: Vec<String> = writers
+                    .into_vec()
+                    .iter()
+                    .map(|n| canonical_name(n).to_string())
+                    .collect();
+                self.stream_writers.insert(s, names);
             }
         }
         self.enable_media_repo = match take("enable_media_repo") {
-            Some((v, file)) => typed::<bool>(&file, "enable_media_repo", v, problems).unwrap_or(true),
+            Some((v, file)) => {
+                typed::<bool>(&file, "enable_media_repo", v, problems).unwrap_or(true)
+            }
             None => true,
         };
         let mut name = |key: &str| -> Option<String> {
             let (v, file) = take(key)?;
             typed::<String>(&file, key, v, problems).map(|n| canonical_name(&n).to_string())
         };
-        self.media_instance_running_background_jobs = name("media_instance_running_background_jobs");
+        self.media_instance_running_background_jobs =
+            name("media_instance_running_background_jobs");
         self.update_user_directory_from_worker = name("update_user_directory_from_worker");
         self.run_background_tasks_on = name("run_background_tasks_on");
         self.notify_appservices_from_worker = name("notify_appservices_from_worker");

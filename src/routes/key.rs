@@ -70,7 +70,11 @@ impl StickyKey<'_> {
 
     /// A human description for `synapse-edge route`. Never shows a token.
     pub fn describe(&self) -> String {
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         match self {
             StickyKey::Room(raw) => format!("room {}", decode(raw)),
             StickyKey::UserLocalpart(b64) => {
@@ -206,7 +210,10 @@ mod tests {
     #[test]
     fn header_token_wins_over_query_and_scheme_is_case_insensitive() {
         let mut h = HeaderMap::new();
-        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer   syt_Ym9i_x_y"));
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("bearer   syt_Ym9i_x_y"),
+        );
         let k = user_key(&src(&h, Some("access_token=syt_YWxpY2U_x_y")));
         assert_eq!(k, StickyKey::UserLocalpart("Ym9i"));
     }
@@ -216,7 +223,10 @@ mod tests {
         let h = HeaderMap::new();
         let k = user_key(&src(&h, Some("access_token=mas_abcdef")));
         assert_eq!(k, StickyKey::Token("mas_abcdef"));
-        assert!(!k.describe().contains("mas_abcdef"), "tokens are never shown");
+        assert!(
+            !k.describe().contains("mas_abcdef"),
+            "tokens are never shown"
+        );
         let k = user_key(&src(&h, Some("since=x")));
         assert_eq!(k, StickyKey::ClientAddr("192.0.2.7".parse().unwrap()));
     }
@@ -230,15 +240,24 @@ mod tests {
                 r#"X-Matrix origin="remote.example",destination="us.example",key="ed25519:a",sig="c2ln""#,
             ),
         );
-        assert_eq!(origin_key(&src(&h, None)), StickyKey::Origin("remote.example"));
+        assert_eq!(
+            origin_key(&src(&h, None)),
+            StickyKey::Origin("remote.example")
+        );
         let mut h = HeaderMap::new();
         h.insert(
             AUTHORIZATION,
             HeaderValue::from_static("X-Matrix key=\"ed25519:a\", Origin=other.example,sig=x"),
         );
-        assert_eq!(origin_key(&src(&h, None)), StickyKey::Origin("other.example"));
+        assert_eq!(
+            origin_key(&src(&h, None)),
+            StickyKey::Origin("other.example")
+        );
         let empty = HeaderMap::new();
-        assert!(matches!(origin_key(&src(&empty, None)), StickyKey::ClientAddr(_)));
+        assert!(matches!(
+            origin_key(&src(&empty, None)),
+            StickyKey::ClientAddr(_)
+        ));
     }
 
     #[test]

@@ -71,7 +71,12 @@ impl RouteFile {
 
     pub fn load(path: &Path) -> Result<RouteFile, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(path, "", format!("cannot read route table: {e}"), "check the routes path")
+            ConfigError::new(
+                path,
+                "",
+                format!("cannot read route table: {e}"),
+                "check the routes path",
+            )
         })?;
         Self::parse(&text, path)
     }
@@ -189,7 +194,12 @@ impl RouteTable {
                 ));
             }
             if spec.name == FALLBACK_ROUTE {
-                problems.push(ConfigError::new(source, &at, "this route name is reserved", "rename it"));
+                problems.push(ConfigError::new(
+                    source,
+                    &at,
+                    "this route name is reserved",
+                    "rename it",
+                ));
             }
             // Resolve the pool chain: the first pool with workers, else main.
             let mut pool = None;
@@ -203,7 +213,12 @@ impl RouteTable {
                         format!("unknown pool `{name}`"),
                         format!(
                             "use one of: {} (or define it under `pools:` in edge.yaml)",
-                            topology.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                            topology
+                                .pools
+                                .iter()
+                                .map(|p| p.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     )),
                 }
@@ -251,7 +266,12 @@ impl RouteTable {
                 long_poll: spec.long_poll,
             });
             if spec.paths.is_empty() {
-                problems.push(ConfigError::new(source, &at, "the route has no paths", "list its paths"));
+                problems.push(ConfigError::new(
+                    source,
+                    &at,
+                    "the route has no paths",
+                    "list its paths",
+                ));
             }
             for pattern in &spec.paths {
                 let expanded = match expand_alternatives(pattern) {
