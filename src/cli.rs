@@ -2,9 +2,10 @@
 //! Synapse configuration. The binary only calls [`main`].
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -12,6 +13,8 @@ use serde::Serialize;
 
 use crate::balancing::AllUp;
 use crate::config::Endpoint;
+use crate::listeners::{ListenAddr, Running, ServerSettings};
+use crate::proxy::Proxy;
 use crate::state::{EdgeState, RequestView, Sources};
 
 #[derive(Parser, Debug)]
@@ -27,6 +30,24 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the edge in front of the workers.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Plain-HTTP listen address (repeatable); replaces edge.yaml's `listen`.
+        /// Default 127.0.0.1:8008.
+        #[arg(long, value_name = "ADDR")]
+        listen: Vec<SocketAddr>,
+        /// Also listen on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        listen_unix: Option<PathBuf>,
+    },
+    /// Run the edge on the guide's topology with stand-in workers.
+    Demo {
+        /// Where the demo edge listens.
+        #[arg(long, default_value = "127.0.0.1:8008")]
+        listen: SocketAddr,
+    },
     /// Load the configuration and show workers, pools and warnings.
     Check {
         #[command(flatten)]
@@ -83,6 +104,12 @@ impl ConfigArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run {
+            config,
+            listen,
+            listen_unix,
+        } => run(&config, listen, listen_unix),
+        Command::Demo { listen } => demo(listen),
         Command::Check { config, json } => check(&config, json),
         Command::Route {
             config,
@@ -323,4 +350,174 @@ fn route(
         println!("failover:  {}", report.candidates.join(" > "));
     }
     ExitCode::SUCCESS
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("synapse-edge: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// One start-up line: listeners, workers and pools.
+fn startup_line(state: &EdgeState, addrs: &[ListenAddr]) {
+    let topo = &state.topology;
+    let listeners: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let routed: Vec<&str> = topo
+        .workers
+        .iter()
+        .filter(|w| w.inbound.is_some())
+        .map(|w| w.name.as_str())
+        .collect();
+    let pools: Vec<String> = topo
+        .pools
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("{}={}", p.name, p.members.len()))
+        .collect();
+    tracing::info!(
+        listeners = %listeners.join(" "),
+        workers = %routed.join(","),
+        pools = %pools.join(" "),
+        routes = state.routes.routes().len() - 1,
+        "synapse-edge serving"
+    );
+}
+
+async fn serve_until_stopped(state: EdgeState, addrs: Vec<ListenAddr>) -> ExitCode {
+    let settings = ServerSettings::from_config(&state.edge);
+    let state = Arc::new(state);
+    let proxy = Arc::new(Proxy::new(state.clone()));
+    let mut running = match Running::start(proxy, &addrs, settings).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("synapse-edge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    startup_line(&state, &running.addrs);
+    stop_signal().await;
+    running.request_stop();
+    running.wait().await;
+    ExitCode::SUCCESS
+}
+
+fn run(config: &ConfigArgs, listen: Vec<SocketAddr>, listen_unix: Option<PathBuf>) -> ExitCode {
+    init_logging();
+    let state = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut addrs: Vec<ListenAddr> = listen.into_iter().map(ListenAddr::Tcp).collect();
+    if addrs.is_empty() {
+        for a in &state.edge.listen {
+            match a.parse::<SocketAddr>() {
+                Ok(a) => addrs.push(ListenAddr::Tcp(a)),
+                Err(_) => {
+                    eprintln!(
+                        "synapse-edge: {}: `listen`: `{a}` is not an address\n    fix: write host:port, e.g. 0.0.0.0:8008 or [::]:8008",
+                        state
+                            .edge
+                            .source
+                            .as_deref()
+                            .unwrap_or(std::path::Path::new("edge.yaml"))
+                            .display()
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    if let Some(p) = listen_unix.or(state.edge.listen_unix.clone()) {
+        addrs.push(ListenAddr::Unix(p));
+    }
+    if addrs.is_empty() {
+        addrs.push(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8008))));
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(serve_until_stopped(state, addrs))
+}
+
+fn demo(listen: SocketAddr) -> ExitCode {
+    init_logging();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let dir = match tempfile::Builder::new()
+            .prefix("synapse-edge-demo")
+            .tempdir()
+        {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("synapse-edge: cannot create the demo folder: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let paths = match crate::demo::write_config(dir.path()) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("synapse-edge: cannot write the demo config: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let _standins = match crate::demo::start_standins(dir.path()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("synapse-edge: cannot start the stand-in workers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let sources = crate::state::Sources {
+            synapse: paths,
+            ..Default::default()
+        };
+        let state = match EdgeState::load(&sources) {
+            Ok(s) => s,
+            Err(e) => {
+                eprint!("synapse-edge: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!(
+            "synapse-edge demo: stand-in workers for the guide's topology in {}\n\
+             Synapse config: {}/homeserver.yaml and {}/workers\n\
+             Try (each answer names its worker):\n  {}\n\
+             Ctrl-C stops the demo and removes the folder.\n",
+            dir.path().display(),
+            dir.path().display(),
+            dir.path().display(),
+            crate::demo::curl_examples(&format!("http://{listen}"))
+        );
+        serve_until_stopped(state, vec![ListenAddr::Tcp(listen)]).await
+    })
 }

@@ -9,8 +9,14 @@
 #![forbid(unsafe_code)]
 
 pub mod balancing;
+pub mod body;
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod listeners;
+pub mod proxy;
 pub mod routes;
+pub mod standin;
 pub mod state;
 pub mod topology;
+pub mod upstream;

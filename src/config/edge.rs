@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -22,6 +23,18 @@ pub struct EdgeConfig {
     /// A route table to use instead of the built-in `routes/synapse.yaml`.
     #[serde(default)]
     pub routes: Option<PathBuf>,
+    /// Plain-HTTP listen addresses (`host:port`); `--listen` replaces them.
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// An optional Unix socket to listen on as well.
+    #[serde(default)]
+    pub listen_unix: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub upstream: UpstreamPool,
     /// Where this config came from (for error messages).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -58,5 +71,141 @@ impl EdgeConfig {
         }
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, e.g. `50M` (K, M, G are powers of 1024, as in
+    /// Synapse). Default: Synapse's `max_upload_size`, else 50M.
+    #[serde(default)]
+    pub max_body_size: Option<ByteSize>,
+    /// Largest request head (request line and headers). Default 64K.
+    #[serde(default)]
+    pub max_header_size: Option<ByteSize>,
+    /// Most headers in one request. Default 100.
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+}
+
+/// Timeouts; durations like `5s`, `2m`, `500ms`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Connecting to a worker.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Waiting for a worker's response on ordinary routes (counted from the
+    /// last request body progress).
+    #[serde(with = "humantime_serde")]
+    pub upstream: Duration,
+    /// Waiting for a response on long-poll routes (`/sync`, `/events`):
+    /// well above the 30 s a client typically asks the server to hold.
+    #[serde(with = "humantime_serde")]
+    pub long_poll: Duration,
+    /// Closing a client connection with no request in flight.
+    #[serde(with = "humantime_serde")]
+    pub client_idle: Duration,
+    /// Receiving a request's headers (slow clients).
+    #[serde(with = "humantime_serde")]
+    pub header_read: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(3),
+            upstream: Duration::from_secs(60),
+            long_poll: Duration::from_secs(300),
+            client_idle: Duration::from_secs(75),
+            header_read: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Keep-alive connection pools to workers.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamPool {
+    /// Idle connections kept per worker.
+    pub max_idle_per_worker: usize,
+    /// How long an idle connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for UpstreamPool {
+    fn default() -> Self {
+        UpstreamPool {
+            max_idle_per_worker: 128,
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// A size written as Synapse writes them: `50M`, `512K`, `1G` or bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Option<ByteSize> {
+        let t = text.trim();
+        let (digits, mult) = match t.chars().last()? {
+            'K' | 'k' => (&t[..t.len() - 1], 1u64 << 10),
+            'M' | 'm' => (&t[..t.len() - 1], 1 << 20),
+            'G' | 'g' => (&t[..t.len() - 1], 1 << 30),
+            _ => (t, 1),
+        };
+        digits
+            .trim()
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(mult)
+            .map(ByteSize)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!("`{s}` is not a size; write e.g. 50M, 512K or 1G"))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_synapse() {
+        assert_eq!(ByteSize::parse("50M"), Some(ByteSize(50 << 20)));
+        assert_eq!(ByteSize::parse("512K"), Some(ByteSize(512 << 10)));
+        assert_eq!(ByteSize::parse("1G"), Some(ByteSize(1 << 30)));
+        assert_eq!(ByteSize::parse("1234"), Some(ByteSize(1234)));
+        assert_eq!(ByteSize::parse("lots"), None);
+    }
+
+    #[test]
+    fn a_full_edge_config_reads() {
+        let cfg: EdgeConfig = serde_yaml_ng::from_str(
+            "listen: [\"127.0.0.1:8008\"]\nlimits: {max_body_size: 100M}\ntimeouts: {connect: 2s, long_poll: 10m}\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.max_body_size, Some(ByteSize(100 << 20)));
+        assert_eq!(cfg.timeouts.connect, Duration::from_secs(2));
+        assert_eq!(cfg.timeouts.long_poll, Duration::from_secs(600));
+        assert_eq!(cfg.timeouts.upstream, Duration::from_secs(60));
     }
 }

@@ -173,6 +173,8 @@ pub struct SynapseConfig {
     pub pusher_instances: Vec<String>,
     pub run_background_tasks_on: Option<String>,
     pub notify_appservices_from_worker: Option<String>,
+    /// `max_upload_size` (bytes), the default for the edge's body limit.
+    pub max_upload_size: Option<u64>,
     pub workers: Vec<WorkerFile>,
     /// For error messages: which file set each shared top-level key.
     pub key_sources: BTreeMap<String, PathBuf>,
@@ -291,6 +293,22 @@ impl SynapseConfig {
                     .map(|n| canonical_name(n).to_string())
                     .collect();
                 self.stream_writers.insert(s, names);
+            }
+        }
+        if let Some((v, file)) = take("max_upload_size") {
+            let size = match &v {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => super::ByteSize::parse(s).map(|b| b.0),
+                _ => None,
+            };
+            match size {
+                Some(n) => self.max_upload_size = Some(n),
+                None => problems.push(ConfigError::new(
+                    &file,
+                    "max_upload_size",
+                    "not a size",
+                    "write it as Synapse does, e.g. `50M`",
+                )),
             }
         }
         self.enable_media_repo = match take("enable_media_repo") {

@@ -1,0 +1,343 @@
+//! Client-facing listeners: accept connections on TCP addresses and Unix
+//! sockets, serve HTTP/1.1 and h2c on each (hyper-util's auto server), close
+//! connections that sit idle, and drain on shutdown.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::proxy::{ClientConn, Proxy};
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "http://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound listening socket.
+pub enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Bound {
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Bound> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(p) => {
+                // A socket file left by an earlier run blocks the bind.
+                if std::fs::symlink_metadata(p).is_ok()
+                    && std::os::unix::net::UnixStream::connect(p).is_err()
+                {
+                    std::fs::remove_file(p)?;
+                }
+                Ok(Bound::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+        }
+    }
+
+    /// The address actually bound (the port, when asked for port 0).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Bound::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
+            Bound::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
+        }
+    }
+}
+
+/// Connection-level settings.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub client_idle_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+/// What one connection is doing, for the idle timeout.
+struct Activity {
+    start: Instant,
+    in_flight: AtomicUsize,
+    last_done_ms: AtomicU64,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// When the connection may be closed for idleness if nothing happens.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            Instant::now() + idle
+        } else {
+            self.start + Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed)) + idle
+        }
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let ms = self.0.start.elapsed().as_millis() as u64;
+        self.0.last_done_ms.store(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves the proxy on bound listeners until `shutdown` completes, then
+/// stops accepting and lets in-flight requests finish (up to the drain
+/// timeout).
+pub async fn serve(
+    listeners: Vec<Bound>,
+    proxy: Arc<Proxy>,
+    settings: ServerSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_size.max(8192))
+        .max_headers(settings.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_size as u32)
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    for listener in listeners {
+        let ctx = ConnContext {
+            builder: builder.clone(),
+            proxy: proxy.clone(),
+            idle: settings.client_idle_timeout,
+            stop: stop_rx.clone(),
+        };
+        tracker.spawn(accept_loop(listener, ctx, tracker.clone()));
+    }
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    tracker.close();
+    if tokio::time::timeout(settings.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?settings.drain_timeout, "drain timeout reached; closing remaining connections");
+    }
+}
+
+#[derive(Clone)]
+struct ConnContext {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    proxy: Arc<Proxy>,
+    idle: Duration,
+    stop: watch::Receiver<bool>,
+}
+
+async fn accept_loop(listener: Bound, ctx: ConnContext, tracker: TaskTracker) {
+    let mut stop = ctx.stop.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = accept(&listener) => a,
+            _ = stop.changed() => break,
+        };
+        match accepted {
+            Ok(Accepted::Tcp(stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let client = ClientConn {
+                    addr: peer.ip().to_canonical(),
+                    scheme: "http",
+                };
+                tracker.spawn(serve_conn(stream, client, ctx.clone()));
+            }
+            Ok(Accepted::Unix(stream)) => {
+                let client = ClientConn {
+                    addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    scheme: "http",
+                };
+                tracker.spawn(serve_conn(stream, client, ctx.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    if let Bound::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Bound) -> io::Result<Accepted> {
+    match listener {
+        Bound::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+        Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+async fn serve_conn<I>(io: I, client: ClientConn, ctx: ConnContext)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        start: Instant::now(),
+        in_flight: AtomicUsize::new(0),
+        last_done_ms: AtomicU64::new(0),
+    });
+    let svc = {
+        let activity = activity.clone();
+        let proxy = ctx.proxy.clone();
+        service_fn(move |req| {
+            let guard = activity.begin();
+            let proxy = proxy.clone();
+            async move {
+                let resp = proxy.handle(req, client).await;
+                drop(guard);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = ctx.builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut stop = ctx.stop.clone();
+    let mut closing = false;
+    loop {
+        let idle_at = activity.idle_deadline(ctx.idle);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(idle_at), if !closing => {
+                if activity.idle_deadline(ctx.idle) <= Instant::now() {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = stop.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+impl ServerSettings {
+    pub fn from_config(edge: &crate::config::EdgeConfig) -> ServerSettings {
+        ServerSettings {
+            max_header_size: edge
+                .limits
+                .max_header_size
+                .map_or(64 << 10, |b| b.0 as usize),
+            max_headers: edge.limits.max_headers.unwrap_or(100),
+            header_read_timeout: edge.timeouts.header_read,
+            client_idle_timeout: edge.timeouts.client_idle,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running edge (for the CLI, the demo and tests).
+pub struct Running {
+    /// The addresses actually bound.
+    pub addrs: Vec<ListenAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Binds every address, then serves in the background.
+    pub async fn start(
+        proxy: Arc<Proxy>,
+        addrs: &[ListenAddr],
+        settings: ServerSettings,
+    ) -> io::Result<Running> {
+        let mut bound = Vec::new();
+        let mut local = Vec::new();
+        for a in addrs {
+            let b = Bound::bind(a)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
+            local.push(b.local_addr()?);
+            bound.push(b);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(bound, proxy, settings, async move {
+            let _ = rx.await;
+        }));
+        Ok(Running {
+            addrs: local,
+            stop: Some(tx),
+            task,
+        })
+    }
+
+    /// The first TCP address bound.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.addrs.iter().find_map(|a| match a {
+            ListenAddr::Tcp(s) => Some(*s),
+            ListenAddr::Unix(_) => None,
+        })
+    }
+
+    /// Stops accepting, drains, and waits until done.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the server ends (after a stop).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+
+    /// Asks the server to stop without waiting.
+    pub fn request_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
