@@ -44,15 +44,6 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
     (0..len as u64).map(|i| pattern_byte(offset + i)).collect()
 }
 
-/// The hash the stand-in reports for a body (xxh3-64, hex).
-pub fn body_hash(chunks: &[&[u8]]) -> String {
-    let mut h = Xxh3::new();
-    for c in chunks {
-        h.update(c);
-    }
-    format!("{:016x}", h.digest())
-}
-
 /// What a stand-in has seen.
 #[derive(Debug, Default)]
 pub struct Stats {

@@ -1,0 +1,593 @@
+//! The edge as a reverse proxy, over real sockets: stand-in workers on
+//! temporary Unix sockets (the guide's topology, written by the demo's
+//! config generator and read back by the real config reader), the edge on
+//! an ephemeral port, and a real HTTP client.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use synapse_edge::demo;
+use synapse_edge::listeners::{ListenAddr, Running, ServerSettings};
+use synapse_edge::proxy::Proxy;
+use synapse_edge::standin::StandIn;
+use synapse_edge::state::{EdgeState, Sources};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Harness {
+    dir: tempfile::TempDir,
+    standins: Vec<StandIn>,
+    edge: Running,
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn worker(&self) -> &str {
+        self.headers
+            .get("x-worker")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("(none)")
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Harness {
+    /// The guide's topology with stand-ins, and the edge with `edge_yaml`.
+    async fn start(edge_yaml: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = demo::write_config(dir.path()).unwrap();
+        let standins = demo::start_standins(dir.path()).unwrap();
+        Self::with(dir, paths, standins, edge_yaml).await
+    }
+
+    async fn with(
+        dir: tempfile::TempDir,
+        paths: Vec<std::path::PathBuf>,
+        standins: Vec<StandIn>,
+        edge_yaml: &str,
+    ) -> Harness {
+        let edge_path = dir.path().join("edge.yaml");
+        std::fs::write(&edge_path, edge_yaml).unwrap();
+        let state = EdgeState::load(&Sources {
+            synapse: paths,
+            edge: Some(edge_path),
+            routes: None,
+        })
+        .unwrap();
+        let settings = ServerSettings::from_config(&state.edge);
+        let proxy = Arc::new(Proxy::new(Arc::new(state)));
+        let edge = Running::start(
+            proxy,
+            &[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())],
+            settings,
+        )
+        .await
+        .unwrap();
+        let base = format!("http://{}", edge.tcp_addr().unwrap());
+        Harness {
+            dir,
+            standins,
+            edge,
+            base,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    fn standin(&self, name: &str) -> &StandIn {
+        self.standins.iter().find(|s| s.name == name).unwrap()
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(format!("{}{target}", self.base));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::copy_from_slice(body))).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    async fn get(&self, target: &str) -> Answer {
+        self.send("GET", target, &[], b"").await
+    }
+}
+
+const ROOM: &str = "%21OGEhHVWSdvArJzumhm%3Ademo.example";
+
+#[tokio::test]
+async fn each_endpoint_family_reaches_its_worker() {
+    let h = Harness::start("").await;
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "PUT",
+            format!("/_matrix/client/v3/rooms/{ROOM}/typing/%40a%3Ademo.example"),
+            "client_sync1",
+        ),
+        (
+            "POST",
+            format!("/_matrix/client/v3/rooms/{ROOM}/receipt/m.read/%24e"),
+            "client_sync1",
+        ),
+        (
+            "PUT",
+            "/_matrix/client/v3/sendToDevice/m.x/t1".into(),
+            "client_sync1",
+        ),
+        (
+            "GET",
+            "/_matrix/client/v3/sync?since=s1".into(),
+            "client_sync1",
+        ),
+        (
+            "POST",
+            "/_matrix/client/v3/user_directory/search".into(),
+            "client_sync1",
+        ),
+        ("POST", "/_matrix/media/v3/upload".into(), "media1"),
+        (
+            "GET",
+            "/_matrix/client/v1/media/download/demo.example/abc".into(),
+            "media1",
+        ),
+        (
+            "PUT",
+            "/_matrix/federation/v1/send/txn1".into(),
+            "federation_reader1",
+        ),
+        (
+            "GET",
+            "/_matrix/federation/v1/version".into(),
+            "federation_reader1",
+        ),
+        (
+            "PUT",
+            "/_matrix/client/v3/pushrules/global/override/x".into(),
+            "main",
+        ),
+        ("GET", "/_matrix/client/versions".into(), "main"),
+        ("POST", "/_matrix/client/v3/logout".into(), "main"),
+    ];
+    for (m, t, want) in cases {
+        let a = h.send(m, t, &[], b"{}").await;
+        assert_eq!(a.status, StatusCode::OK, "{m} {t}");
+        assert_eq!(a.worker(), *want, "{m} {t}");
+    }
+    let a = h
+        .get(&format!("/_matrix/client/v3/rooms/{ROOM}/messages?dir=b"))
+        .await;
+    assert!(a.worker().starts_with("rooms"), "{}", a.worker());
+}
+
+#[tokio::test]
+async fn rooms_and_users_stick_to_one_worker_across_many_requests() {
+    // Make the room workers the sync pool too, so user stickiness is visible.
+    let h = Harness::start("pools:\n  client_sync: [\"rooms*\"]\n").await;
+    let mut room_workers = std::collections::HashSet::new();
+    for r in 0..16 {
+        let room = format!("%21room{r}xyz%3Ademo.example");
+        let first = h
+            .get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b"))
+            .await;
+        for i in 0..5 {
+            let send = h
+                .send(
+                    "PUT",
+                    &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t{i}"),
+                    &[],
+                    b"{}",
+                )
+                .await;
+            assert_eq!(send.worker(), first.worker(), "room {r} moved");
+        }
+        room_workers.insert(first.worker().to_string());
+    }
+    assert!(room_workers.len() >= 3, "16 rooms on {room_workers:?}");
+    let mut user_workers = std::collections::HashSet::new();
+    for user in ["YWxpY2U", "Ym9i", "Y2Fyb2w", "ZGF2ZQ", "ZXJpbg", "ZnJhbms"] {
+        let auth = format!("Bearer syt_{user}_devicetoken_abc");
+        let first = h
+            .send(
+                "GET",
+                "/_matrix/client/v3/sync?since=s1",
+                &[("authorization", &auth)],
+                b"",
+            )
+            .await;
+        for i in 0..5 {
+            let q = h
+                .get(&format!(
+                    "/_matrix/client/v3/sync?since=s{i}&access_token=syt_{user}_other_x"
+                ))
+                .await;
+            assert_eq!(q.worker(), first.worker(), "user {user} moved");
+        }
+        user_workers.insert(first.worker().to_string());
+    }
+    assert!(user_workers.len() >= 2, "{user_workers:?}");
+}
+
+#[tokio::test]
+async fn the_worker_receives_the_target_byte_for_byte_and_forwarding_headers() {
+    let h = Harness::start("").await;
+    let target = format!(
+        "/_matrix/client/v3/rooms/{ROOM}/messages?filter=%7B%22types%22%3A%5B%22m.room.message%22%5D%7D&from=t1%2F2&dir=b&x=a+b"
+    );
+    let a = h
+        .send(
+            "GET",
+            &target,
+            &[
+                ("host", "matrix.example.org"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("connection", "x-private, keep-alive"),
+                ("x-private", "secret"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic eA=="),
+                ("x-end-to-end", "kept"),
+            ],
+            b"",
+        )
+        .await;
+    let seen = a.json();
+    assert_eq!(seen["target"], target);
+    let hd = &seen["headers"];
+    assert_eq!(hd["host"], "matrix.example.org");
+    assert_eq!(
+        hd["x-forwarded-for"], "127.0.0.1",
+        "a client-sent X-Forwarded-For must not reach Synapse"
+    );
+    assert_eq!(hd["x-forwarded-proto"], "http");
+    assert_eq!(hd["x-end-to-end"], "kept");
+    for hop in [
+        "connection",
+        "x-private",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "transfer-encoding",
+    ] {
+        assert!(
+            hd.get(hop).is_none(),
+            "hop-by-hop header {hop} reached the worker"
+        );
+    }
+    // And on the way back.
+    let a = h
+        .send(
+            "GET",
+            "/_matrix/client/versions",
+            &[("x-standin-hop-headers", "1")],
+            b"",
+        )
+        .await;
+    for hop in ["x-hop-custom", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            !a.headers.contains_key(hop),
+            "hop-by-hop header {hop} reached the client"
+        );
+    }
+    assert_eq!(a.worker(), "main");
+}
+
+#[tokio::test]
+async fn an_oversized_body_gets_413_and_never_reaches_the_worker() {
+    let h = Harness::start("limits:\n  max_body_size: 1M\n").await;
+    let media = h.standin("media1");
+    let before = media.stats.requests();
+    // Declared too large: refused before anything is sent upstream.
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /_matrix/media/v3/upload HTTP/1.1\r\nhost: x\r\ncontent-length: 2000000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("M_TOO_LARGE"), "{text}");
+    assert_eq!(
+        media.stats.requests(),
+        before,
+        "the worker saw the oversized request"
+    );
+    // Chunked and too large: cut off, answered 413.
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = (0..40)
+        .map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![7u8; 64 * 1024]))))
+        .collect();
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+    let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .request(
+            Request::post(format!("{}/_matrix/media/v3/upload", h.base))
+                .body(body)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["errcode"], "M_TOO_LARGE");
+}
+
+#[tokio::test]
+async fn a_missing_worker_socket_gets_502_in_matrix_form() {
+    let mut h = Harness::start("").await;
+    h.standins.retain(|s| s.name != "media1"); // stops it and removes its socket
+    let a = h
+        .get("/_matrix/client/v1/media/download/demo.example/abc")
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(a.headers["content-type"], "application/json");
+    assert_eq!(a.json()["errcode"], "M_UNKNOWN");
+    assert!(a.json()["error"].as_str().unwrap().contains("unreachable"));
+}
+
+#[tokio::test]
+async fn a_stalled_worker_gets_504_while_long_polls_wait_longer() {
+    let h = Harness::start("timeouts:\n  upstream: 500ms\n  long_poll: 5s\n").await;
+    let a = h
+        .send(
+            "GET",
+            "/_matrix/client/versions",
+            &[("x-standin-delay-ms", "1500")],
+            b"",
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(a.json()["errcode"], "M_UNKNOWN");
+    let a = h
+        .send(
+            "GET",
+            "/_matrix/client/v3/sync?since=s1&timeout=1500",
+            &[("x-standin-delay-ms", "1500")],
+            b"",
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "the long-poll was cut off");
+    assert_eq!(a.worker(), "client_sync1");
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_long_poll_cancels_the_upstream_request() {
+    let h = Harness::start("").await;
+    let sync = h.standin("client_sync1");
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET /_matrix/client/v3/sync?since=s1&timeout=30000 HTTP/1.1\r\nhost: x\r\nx-standin-delay-ms: 30000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Wait until the worker holds the request.
+    for _ in 0..100 {
+        if sync.stats.requests() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sync.stats.requests(), 1);
+    let left = tokio::time::Instant::now();
+    drop(s);
+    let mut cancelled = Vec::new();
+    for _ in 0..100 {
+        cancelled = sync.stats.cancelled();
+        if !cancelled.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        cancelled.len(),
+        1,
+        "the worker still holds the abandoned request"
+    );
+    assert!(
+        cancelled[0] - left < Duration::from_secs(1),
+        "took {:?}",
+        cancelled[0] - left
+    );
+}
+
+#[tokio::test]
+async fn steady_traffic_reuses_upstream_connections() {
+    let h = Harness::start("").await;
+    for _ in 0..1000 {
+        let a = h.get("/_matrix/client/versions").await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    let opened = h.standin("main").stats.connections();
+    assert!(
+        opened <= 3,
+        "1000 sequential requests opened {opened} upstream connections"
+    );
+}
+
+#[tokio::test]
+async fn http2_cleartext_clients_are_served() {
+    let h = Harness::start("").await;
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = client
+        .request(
+            Request::get(format!(
+                "{}/_matrix/client/v3/rooms/{ROOM}/messages?dir=b",
+                h.base
+            ))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert!(
+        resp.headers()["x-worker"]
+            .to_str()
+            .unwrap()
+            .starts_with("rooms")
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // The worker speaks HTTP/1.1 and still learns the host the client asked for.
+    assert_eq!(v["headers"]["host"], h.base.trim_start_matches("http://"));
+}
+
+#[tokio::test]
+async fn a_request_target_that_is_not_a_path_gets_400() {
+    let h = Harness::start("").await;
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = s.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("\"errcode\""), "{text}");
+    // Garbage is refused by the HTTP layer, and the edge keeps serving.
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"\x01\x02 not http\r\n\r\n").await.unwrap();
+    let _ = s.read(&mut buf).await;
+    assert_eq!(
+        h.get("/_matrix/client/versions").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_tcp_worker_works_like_a_unix_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = demo::write_config(dir.path()).unwrap();
+    let mut standins = demo::start_standins(dir.path()).unwrap();
+    // federation_reader1 listens on TCP instead.
+    let (tcp, addr) = StandIn::start_tcp("federation_reader1", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    standins.retain(|s| s.name != "federation_reader1");
+    let wf = dir.path().join("workers/federation_reader1.yaml");
+    std::fs::write(
+        &wf,
+        format!(
+            "worker_app: synapse.app.generic_worker\nworker_name: federation_reader1\nworker_listeners:\n  - port: {}\n    bind_addresses: ['127.0.0.1']\n    type: http\n    x_forwarded: true\n    resources:\n      - names: [client, federation]\n",
+            addr.port()
+        ),
+    )
+    .unwrap();
+    standins.push(tcp);
+    let h = Harness::with(dir, paths, standins, "").await;
+    let a = h
+        .send("PUT", "/_matrix/federation/v1/send/t1", &[], b"{}")
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.worker(), "federation_reader1");
+    assert_eq!(a.json()["body_bytes"], 2);
+    assert!(Path::new(&h.dir.path().join("sockets")).exists());
+}
+
+/// Reads until the edge closes the connection; returns what was read.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None, // still open
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&all).into_owned()),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
+    let h = Harness::start("timeouts:\n  header_read: 300ms\n").await;
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let closed = read_until_closed(&mut s, Duration::from_secs(3)).await;
+    assert!(
+        closed.is_some(),
+        "a half-sent request head kept the connection open"
+    );
+    assert_eq!(h.standin("main").stats.requests(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let h = Harness::start("timeouts:\n  client_idle: 300ms\n  header_read: 30s\n").await;
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    let text = read_until_closed(&mut s, Duration::from_secs(3)).await;
+    let text = text.expect("the idle connection stayed open");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "closed before the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_long_poll_is_not_an_idle_connection() {
+    let h = Harness::start("timeouts:\n  client_idle: 200ms\n").await;
+    let a = h
+        .send(
+            "GET",
+            "/_matrix/client/v3/sync?since=s1",
+            &[("x-standin-delay-ms", "800")],
+            b"",
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+}
