@@ -137,6 +137,16 @@ struct CheckReport<'a> {
     workers: Vec<WorkerReport<'a>>,
     pools: Vec<PoolReport<'a>>,
     warnings: Vec<String>,
+    routes_table: Vec<RouteEntry<'a>>,
+}
+
+#[derive(Serialize)]
+struct RouteEntry<'a> {
+    #[serde(flatten)]
+    route: &'a crate::routes::Route,
+    /// The pool that serves the route under this topology.
+    pool_name: &'a str,
+    members: Vec<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -215,6 +225,21 @@ fn check(config: &ConfigArgs, json: bool) -> ExitCode {
             })
             .collect(),
         warnings,
+        routes_table: state
+            .routes
+            .routes()
+            .iter()
+            .map(|r| RouteEntry {
+                route: r,
+                pool_name: &topo.pool(r.pool).name,
+                members: topo
+                    .pool(r.pool)
+                    .members
+                    .iter()
+                    .map(|&id| topo.worker(id).name.as_str())
+                    .collect(),
+            })
+            .collect(),
     };
     if json {
         println!(

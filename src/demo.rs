@@ -64,6 +64,7 @@ stream_writers:
   receipts: client_sync1
   to_device: client_sync1
   typing: client_sync1
+  quarantined_media_changes: media1
 instance_map:
 "#,
         main_in = sock("inbound", "main"),
@@ -102,7 +103,7 @@ instance_map:
         ("rooms3", false, Some("client, federation")),
         ("rooms4", false, Some("client, federation")),
         ("federation_reader1", false, Some("client, federation")),
-        ("media1", true, Some("media")),
+        ("media1", true, Some("media, client, federation")),
         ("sender1", true, None),
         ("tasks1", true, None),
     ];

@@ -35,6 +35,8 @@ pub struct Worker {
     /// The listener that takes routed client/federation/media traffic.
     /// Workers without one (senders, pushers) are known but never routed to.
     pub inbound: Option<Endpoint>,
+    /// The resources its inbound listener serves (client, federation, media).
+    pub inbound_resources: Vec<String>,
     /// The replication endpoint from `instance_map`, if listed.
     pub replication: Option<Endpoint>,
     /// The streams this worker writes.
@@ -148,7 +150,7 @@ impl Topology {
         let main_file = synapse.source_of("listeners");
 
         // Main first, so that WorkerId::MAIN is 0.
-        let main_inbound = pick_inbound(&synapse.listeners);
+        let (main_inbound, main_resources) = pick_inbound(&synapse.listeners);
         if main_inbound.is_none() {
             problems.push(ConfigError::new(
                 &main_file,
@@ -161,6 +163,7 @@ impl Topology {
             name: MAIN.to_string(),
             app: "synapse.app.homeserver".to_string(),
             inbound: main_inbound,
+            inbound_resources: main_resources,
             replication: synapse.instance_map.get(MAIN).cloned(),
             streams: Vec::new(),
             roles: Vec::new(),
@@ -192,10 +195,12 @@ impl Topology {
                 continue;
             }
             let media_app = wf.app == "synapse.app.media_repository";
+            let (inbound, inbound_resources) = pick_inbound(&wf.listeners);
             workers.push(Worker {
                 name: wf.name.clone(),
                 app: wf.app.clone(),
-                inbound: pick_inbound(&wf.listeners),
+                inbound,
+                inbound_resources,
                 replication: synapse.instance_map.get(&wf.name).cloned(),
                 streams: Vec::new(),
                 roles: Vec::new(),
@@ -438,6 +443,37 @@ impl Topology {
                         w.file.display()
                     ));
                 }
+                // /_matrix/media/ needs `media`; /_matrix/client/v1/media/ and
+                // /_matrix/federation/v1/media/ are served under client and federation.
+                let missing: Vec<&str> = ["media", "client", "federation"]
+                    .into_iter()
+                    .filter(|r| !w.inbound_resources.iter().any(|x| x == r))
+                    .collect();
+                if !missing.is_empty() {
+                    warnings.push(format!(
+                        "`{}` serves media but its inbound listener lacks the {} resource(s); add them in {} or some media requests will answer 404",
+                        w.name,
+                        missing.join(", "),
+                        w.file.display()
+                    ));
+                }
+            }
+        }
+
+        // Since Synapse 1.152 a process serving /quarantine_media must write
+        // this stream; the edge sends it to the writers, so they need media.
+        if let Some(qp) = pools
+            .iter()
+            .find(|p| p.source == PoolSource::StreamWriters(Stream::QuarantinedMediaChanges))
+        {
+            for id in &qp.members {
+                let w = &workers[id.0 as usize];
+                if !w.media_enabled {
+                    warnings.push(format!(
+                        "quarantine requests go to `{}` (a quarantined_media_changes writer), which does not run the media repository; add your media worker to stream_writers.quarantined_media_changes",
+                        w.name
+                    ));
+                }
             }
         }
 
@@ -455,13 +491,13 @@ impl Topology {
     }
 }
 
-/// The listener that takes routed traffic: the first inbound one, preferring
-/// one that serves the client API.
-fn pick_inbound(listeners: &[crate::config::Listener]) -> Option<Endpoint> {
+/// The listener that takes routed traffic (the first inbound one, preferring
+/// one that serves the client API) and its resources.
+fn pick_inbound(listeners: &[crate::config::Listener]) -> (Option<Endpoint>, Vec<String>) {
     let mut inbound = listeners.iter().filter(|l| l.is_inbound());
     let first = inbound.clone().next();
-    inbound
-        .find(|l| l.serves("client"))
-        .or(first)
-        .map(|l| l.endpoint.clone())
+    match inbound.find(|l| l.serves("client")).or(first) {
+        Some(l) => (Some(l.endpoint.clone()), l.resources.clone()),
+        None => (None, Vec::new()),
+    }
 }

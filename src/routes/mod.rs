@@ -128,6 +128,8 @@ pub struct Route {
     /// Any one must hold; empty: always.
     pub query_any: Vec<QueryCondition>,
     pub long_poll: bool,
+    /// The concrete matchit patterns (alternatives expanded).
+    pub paths: Vec<String>,
 }
 
 fn ser_methods<S: serde::Serializer>(m: &Option<Vec<Method>>, s: S) -> Result<S::Ok, S::Error> {
@@ -179,6 +181,7 @@ impl RouteTable {
             methods: None,
             query_any: Vec::new(),
             long_poll: false,
+            paths: Vec::new(),
         }];
         let mut by_path: Vec<(String, RouteIds)> = Vec::new();
         let mut path_index: HashMap<String, usize> = HashMap::new();
@@ -264,6 +267,7 @@ impl RouteTable {
                 methods,
                 query_any,
                 long_poll: spec.long_poll,
+                paths: Vec::new(),
             });
             if spec.paths.is_empty() {
                 problems.push(ConfigError::new(
@@ -295,6 +299,7 @@ impl RouteTable {
                     ));
                 }
                 for path in expanded {
+                    routes[id as usize].paths.push(path.clone());
                     match path_index.get(&path) {
                         Some(&j) => by_path[j].1.push(id),
                         None => {
