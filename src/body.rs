@@ -3,8 +3,8 @@
 //! and the response body on its way back. Neither is ever buffered whole.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ pub struct BodyProgress {
     start: Instant,
     last_ms: AtomicU64,
     exceeded: AtomicBool,
+    /// A body handed back unread by a failed attempt, for a retry.
+    unread: Mutex<Option<Incoming>>,
 }
 
 impl BodyProgress {
@@ -28,6 +30,7 @@ impl BodyProgress {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             exceeded: AtomicBool::new(false),
+            unread: Mutex::new(None),
         })
     }
 
@@ -45,6 +48,12 @@ impl BodyProgress {
     pub fn exceeded(&self) -> bool {
         self.exceeded.load(Ordering::Relaxed)
     }
+
+    /// The client's body, if an attempt gave it back without having sent
+    /// any of it: only then may the request be tried on another worker.
+    pub fn take_unread(&self) -> Option<Incoming> {
+        self.unread.lock().ok()?.take()
+    }
 }
 
 /// Why a request body stopped.
@@ -57,21 +66,47 @@ pub enum RequestBodyError {
 }
 
 /// A client's request body streamed to a worker, cut off past `limit`.
+/// Dropped before any of it was sent, it hands the client's body back (see
+/// [`BodyProgress::take_unread`]).
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Option<Incoming>,
     limit: u64,
     seen: u64,
-    progress: Arc<BodyProgress>,
+    sent_data: bool,
+    progress: Option<Arc<BodyProgress>>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
         RequestBody {
-            inner,
+            inner: Some(inner),
             limit,
             seen: 0,
-            progress,
+            sent_data: false,
+            progress: Some(progress),
+        }
+    }
+
+    /// No body (the edge's own requests, e.g. health checks).
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            limit: 0,
+            seen: 0,
+            sent_data: false,
+            progress: None,
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if !self.sent_data
+            && let (Some(inner), Some(p)) = (self.inner.take(), &self.progress)
+            && let Ok(mut slot) = p.unread.lock()
+        {
+            *slot = Some(inner);
         }
     }
 }
@@ -85,33 +120,38 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if this.seen > this.limit {
-                        this.progress.exceeded.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit))));
-                    }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.sent_data = true;
+            this.seen += data.len() as u64;
+            if this.seen > this.limit {
+                if let Some(p) = &this.progress {
+                    p.exceeded.store(true, Ordering::Relaxed);
                 }
-                this.progress.touch();
-                Poll::Ready(Some(Ok(frame)))
+                return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit))));
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => {
-                this.progress.touch();
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
         }
+        if polled.is_ready()
+            && let Some(p) = &this.progress
+        {
+            p.touch();
+        }
+        polled.map_err(RequestBodyError::from)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

@@ -358,7 +358,7 @@ fn route(
             .and_then(|w| w.inbound.as_ref())
             .map(Endpoint::to_string),
         candidates: state
-            .candidates(&d)
+            .candidates(d.pool, d.key_hash)
             .iter()
             .map(|&id| topo.worker(id).name.as_str())
             .collect(),
@@ -434,22 +434,64 @@ fn startup_line(state: &EdgeState, addrs: &[ListenAddr]) {
     );
 }
 
-async fn serve_until_stopped(state: EdgeState, addrs: Vec<ListenAddr>) -> ExitCode {
+/// Serves until SIGTERM or Ctrl-C; SIGHUP reloads `sources` (when given).
+async fn serve_until_stopped(
+    state: EdgeState,
+    addrs: Vec<ListenAddr>,
+    sources: Option<crate::state::Sources>,
+) -> ExitCode {
     let settings = ServerSettings::from_config(&state.edge);
-    let state = Arc::new(state);
-    let proxy = Arc::new(Proxy::new(state.clone()));
-    let mut running = match Running::start(proxy, &addrs, settings).await {
+    let proxy = Arc::new(Proxy::new(state));
+    let mut running = match Running::start(proxy.clone(), &addrs, settings).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("synapse-edge: {e}");
             return ExitCode::from(2);
         }
     };
-    startup_line(&state, &running.addrs);
+    startup_line(&proxy.snapshot().state, &running.addrs);
+    let health = tokio::spawn(crate::proxy::health_loop(proxy.clone()));
+    let reloads = sources.map(|s| tokio::spawn(reload_on_sighup(proxy.clone(), s)));
     stop_signal().await;
     running.request_stop();
     running.wait().await;
+    health.abort();
+    if let Some(r) = reloads {
+        r.abort();
+    }
+    tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: read and validate the whole configuration again; install it only
+/// if it is usable, otherwise keep serving the running one.
+async fn reload_on_sighup(proxy: Arc<Proxy>, sources: crate::state::Sources) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload is unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = tokio::task::spawn_blocking({
+            let sources = sources.clone();
+            move || EdgeState::load(&sources)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(state)) => {
+                let workers = state.topology.workers.len();
+                let routes = state.routes.routes().len() - 1;
+                proxy.install(state);
+                tracing::info!(workers, routes, "configuration reloaded");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "reload refused, still serving the previous configuration: {}",
+                    e.to_string().trim_end()
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed"),
+        }
+    }
 }
 
 fn run(config: &ConfigArgs, listen: Vec<SocketAddr>, listen_unix: Option<PathBuf>) -> ExitCode {
@@ -488,7 +530,7 @@ fn run(config: &ConfigArgs, listen: Vec<SocketAddr>, listen_unix: Option<PathBuf
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(serve_until_stopped(state, addrs))
+    rt.block_on(serve_until_stopped(state, addrs, Some(config.sources())))
 }
 
 fn demo(listen: SocketAddr) -> ExitCode {
@@ -543,6 +585,6 @@ fn demo(listen: SocketAddr) -> ExitCode {
             dir.path().display(),
             crate::demo::curl_examples(&format!("http://{listen}"))
         );
-        serve_until_stopped(state, vec![ListenAddr::Tcp(listen)]).await
+        serve_until_stopped(state, vec![ListenAddr::Tcp(listen)], None).await
     })
 }

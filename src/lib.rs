@@ -13,6 +13,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod listeners;
 pub mod proxy;
 pub mod routes;

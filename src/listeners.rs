@@ -273,7 +273,7 @@ impl ServerSettings {
             max_headers: edge.limits.max_headers.unwrap_or(100),
             header_read_timeout: edge.timeouts.header_read,
             client_idle_timeout: edge.timeouts.client_idle,
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: edge.timeouts.drain,
         }
     }
 }

@@ -7,26 +7,58 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
-use hyper::body::{Body, Incoming};
+use arc_swap::ArcSwap;
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
+};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use smallvec::SmallVec;
 
-use crate::balancing::AllUp;
+use crate::balancing::Health;
 use crate::body::{BodyProgress, RequestBody, ResponseBody};
 use crate::config::Timeouts;
+use crate::health::{HealthTable, Transition};
 use crate::state::{EdgeState, RequestView};
-use crate::upstream::{UpstreamError, Upstreams};
+use crate::topology::WorkerId;
+use crate::upstream::{Clients, UpstreamError, Upstreams};
 
 /// The default body limit, Synapse's default `max_upload_size`.
 pub const DEFAULT_MAX_BODY: u64 = 50 << 20;
 
-/// What the proxy needs to serve requests: one consistent snapshot.
-pub struct Proxy {
+/// Everything one request is served with: a configuration, its workers'
+/// addresses and their health. Reload builds a new one and swaps it in;
+/// requests in flight finish on the one they started with.
+pub struct Snapshot {
     pub state: Arc<EdgeState>,
     pub upstreams: Upstreams,
+    pub health: Arc<HealthTable>,
     pub max_body: u64,
-    pub timeouts: Timeouts,
+}
+
+impl Snapshot {
+    fn build(state: EdgeState, clients: Arc<Clients>, health: HealthTable) -> Snapshot {
+        let max_body = state
+            .edge
+            .limits
+            .max_body_size
+            .map(|b| b.0)
+            .or(state.synapse.max_upload_size)
+            .unwrap_or(DEFAULT_MAX_BODY);
+        Snapshot {
+            upstreams: Upstreams::new(&state.topology, clients),
+            health: Arc::new(health),
+            state: Arc::new(state),
+            max_body,
+        }
+    }
+}
+
+/// The reverse proxy: the current snapshot and the connection pools.
+pub struct Proxy {
+    current: ArcSwap<Snapshot>,
+    clients: Arc<Clients>,
 }
 
 /// Facts about the client connection a request arrived on.
@@ -37,26 +69,52 @@ pub struct ClientConn {
     pub scheme: &'static str,
 }
 
+/// Why one attempt at a worker did not give a response.
+enum AttemptError {
+    TimedOut,
+    Upstream(UpstreamError),
+}
+
 impl Proxy {
-    pub fn new(state: Arc<EdgeState>) -> Proxy {
-        let edge = &state.edge;
-        let max_body = edge
-            .limits
-            .max_body_size
-            .map(|b| b.0)
-            .or(state.synapse.max_upload_size)
-            .unwrap_or(DEFAULT_MAX_BODY);
-        let upstreams = Upstreams::new(&state.topology, edge.timeouts.connect, &edge.upstream);
+    pub fn new(state: EdgeState) -> Proxy {
+        let clients = Arc::new(Clients::new(
+            state.edge.timeouts.connect,
+            &state.edge.upstream,
+        ));
+        let health = HealthTable::new(&state.topology);
         Proxy {
-            timeouts: edge.timeouts.clone(),
-            state,
-            upstreams,
-            max_body,
+            current: ArcSwap::from_pointee(Snapshot::build(state, clients.clone(), health)),
+            clients,
         }
+    }
+
+    /// The snapshot new requests are served with.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Installs a new, already validated state. Workers that stay keep their
+    /// health; connection pools are kept. (Listeners, connect timeout and
+    /// pool sizes need a restart to change.)
+    pub fn install(&self, state: EdgeState) {
+        let old = self.current.load();
+        let health = HealthTable::carried_over(&state.topology, &old.health, &old.state.topology);
+        self.current.store(Arc::new(Snapshot::build(
+            state,
+            self.clients.clone(),
+            health,
+        )));
     }
 
     /// Serves one request. Never fails: every problem becomes a response.
     pub async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Response<ResponseBody> {
+        let snap = self.current.load_full();
+        snap.handle(req, conn).await
+    }
+}
+
+impl Snapshot {
+    async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Response<ResponseBody> {
         let (mut parts, body) = req.into_parts();
         let Some(pq) = parts
             .uri
@@ -71,28 +129,49 @@ impl Proxy {
             );
         };
         if declared_length(&parts.headers).is_some_and(|n| n > self.max_body) {
-            tracing::info!(target: "synapse_edge::proxy", path = pq.path(), limit = self.max_body, "request body too large (Content-Length)");
+            tracing::info!(
+                path = pq.path(),
+                limit = self.max_body,
+                "request body too large (Content-Length)"
+            );
             return too_large(self.max_body);
         }
         let state = &self.state;
+        let health = &*self.health;
         let view = RequestView {
             method: &parts.method,
             target: pq.as_str(),
             headers: &parts.headers,
             client: conn.addr,
         };
-        let decision = state.decide(&view, &AllUp);
-        let route = decision.route;
-        let Some(worker) = decision.worker else {
-            tracing::warn!(route = %route.name, pool = %decision.pool.name, "no live worker in pool");
-            return matrix_error(
+        let routed = state.route(&view);
+        let route = routed.route;
+        // The key's live workers in its preference order, then main when
+        // main may serve the route.
+        let mut order: SmallVec<[WorkerId; 8]> = state
+            .candidates(routed.pool, routed.key_hash)
+            .into_iter()
+            .filter(|&w| health.is_up(w))
+            .collect();
+        if route.fallback_to_main
+            && !order.contains(&WorkerId::MAIN)
+            && health.is_up(WorkerId::MAIN)
+        {
+            order.push(WorkerId::MAIN);
+        }
+        if order.is_empty() {
+            tracing::warn!(route = %route.name, pool = %routed.pool.name, "no live worker may serve this route");
+            let mut resp = matrix_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "M_UNKNOWN",
-                "no worker is available for this request",
+                "the homeserver worker for this request is unavailable; try again shortly",
             );
-        };
-        let worker_name = &state.topology.worker(worker).name;
-        let timeout = route_timeout(&self.timeouts, route.long_poll);
+            let retry = state.edge.health.interval.as_secs().max(1);
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry));
+            return resp;
+        }
+        let timeout = route_timeout(&state.edge.timeouts, route.long_poll);
 
         // HTTP/2 carries the host in the URI; workers speak HTTP/1.1.
         if !parts.headers.contains_key(HOST)
@@ -103,56 +182,103 @@ impl Proxy {
         }
         strip_hop_by_hop(&mut parts.headers);
         set_forwarded(&mut parts.headers, conn);
-        parts.version = Version::HTTP_11;
+        let method = parts.method;
+        let mut headers = parts.headers;
+        // Retried after a response was lost only when repeating is harmless.
+        let idempotent = matches!(
+            method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT
+        );
 
         let progress = BodyProgress::new();
-        let has_body = !body.is_end_stream();
-        let upstream_req = Request::from_parts(
-            parts,
-            RequestBody::new(body, self.max_body, progress.clone()),
-        );
-        let send = self.upstreams.send(worker, pq.clone(), upstream_req);
-        tokio::pin!(send);
-        // The timeout runs from the last progress of the request body, so a
-        // large upload is not cut off while it is still flowing.
-        let result = loop {
-            let last = progress.last_activity();
-            tokio::select! {
-                r = &mut send => break r,
-                _ = tokio::time::sleep_until(last + timeout) => {
-                    if has_body && progress.last_activity() > last {
-                        continue;
-                    }
+        let mut body = Some(body);
+        let mut last_error = None;
+        for (i, &worker) in order.iter().enumerate() {
+            // A retry needs the client's body back, unsent.
+            let Some(incoming) = body.take().or_else(|| progress.take_unread()) else {
+                break;
+            };
+            let worker_name = &state.topology.worker(worker).name;
+            let last = i + 1 == order.len();
+            let mut req = Request::new(RequestBody::new(incoming, self.max_body, progress.clone()));
+            *req.method_mut() = method.clone();
+            *req.headers_mut() = if last {
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
+            match self
+                .attempt(worker, pq.clone(), req, timeout, &progress)
+                .await
+            {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return Response::from_parts(parts, ResponseBody::Upstream(body));
+                }
+                Err(AttemptError::TimedOut) => {
                     tracing::warn!(route = %route.name, worker = %worker_name, path = pq.path(), timeout = ?timeout, "worker did not answer in time");
-                    return matrix_error(StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN", "the homeserver did not answer in time");
+                    return matrix_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "M_UNKNOWN",
+                        "the homeserver did not answer in time",
+                    );
+                }
+                Err(AttemptError::Upstream(_)) if progress.exceeded() => {
+                    tracing::info!(route = %route.name, worker = %worker_name, limit = self.max_body, "request body too large (streamed)");
+                    return too_large(self.max_body);
+                }
+                Err(AttemptError::Upstream(e)) => {
+                    let nothing_sent =
+                        matches!(e, UpstreamError::Connect(_) | UpstreamError::BadTarget);
+                    if nothing_sent && health.mark_down(worker).is_some() {
+                        tracing::warn!(worker = %worker_name, cause = %e, "worker unreachable: taken out until its health checks pass");
+                    }
+                    let may_retry = nothing_sent || idempotent;
+                    tracing::warn!(route = %route.name, worker = %worker_name, cause = %e, retry = may_retry && !last, "request to worker failed");
+                    last_error = Some(e);
+                    if !may_retry {
+                        break;
+                    }
                 }
             }
-        };
-        match result {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, ResponseBody::Upstream(body))
-            }
-            Err(_) if progress.exceeded() => {
-                tracing::info!(route = %route.name, worker = %worker_name, limit = self.max_body, "request body too large (streamed)");
-                too_large(self.max_body)
-            }
-            Err(e @ UpstreamError::Connect(_)) | Err(e @ UpstreamError::BadTarget) => {
-                tracing::warn!(route = %route.name, worker = %worker_name, cause = %e, "worker unreachable");
-                matrix_error(
-                    StatusCode::BAD_GATEWAY,
-                    "M_UNKNOWN",
-                    "the homeserver worker is unreachable",
-                )
-            }
-            Err(e) => {
-                tracing::warn!(route = %route.name, worker = %worker_name, cause = %e, "request to worker failed");
-                matrix_error(
-                    StatusCode::BAD_GATEWAY,
-                    "M_UNKNOWN",
-                    "the homeserver worker failed to answer",
-                )
+        }
+        match last_error {
+            Some(UpstreamError::Connect(_)) | Some(UpstreamError::BadTarget) => matrix_error(
+                StatusCode::BAD_GATEWAY,
+                "M_UNKNOWN",
+                "the homeserver worker is unreachable",
+            ),
+            _ => matrix_error(
+                StatusCode::BAD_GATEWAY,
+                "M_UNKNOWN",
+                "the homeserver worker failed to answer",
+            ),
+        }
+    }
+
+    /// One try at one worker, with the response timeout counted from the
+    /// request body's last progress (an upload is never cut while it flows).
+    async fn attempt(
+        &self,
+        worker: WorkerId,
+        pq: PathAndQuery,
+        req: Request<RequestBody>,
+        timeout: Duration,
+        progress: &BodyProgress,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let send = self.upstreams.send(worker, pq, req);
+        tokio::pin!(send);
+        loop {
+            let last = progress.last_activity();
+            tokio::select! {
+                r = &mut send => return r.map_err(AttemptError::Upstream),
+                _ = tokio::time::sleep_until(last + timeout) => {
+                    if progress.last_activity() > last {
+                        continue;
+                    }
+                    return Err(AttemptError::TimedOut);
+                }
             }
         }
     }
@@ -239,5 +365,46 @@ pub fn route_timeout(timeouts: &Timeouts, long_poll: bool) -> Duration {
         timeouts.long_poll
     } else {
         timeouts.upstream
+    }
+}
+
+impl Snapshot {
+    /// Checks every routed worker once (`GET /health`, concurrently) and
+    /// records the results; logs each change of state once.
+    pub async fn check_health(&self) {
+        let settings = &self.state.edge.health;
+        let checks = self.state.topology.workers.iter().enumerate().filter(|(_, w)| w.inbound.is_some()).map(
+            |(i, w)| async move {
+                let id = WorkerId(i as u32);
+                let req = Request::get("/health").body(RequestBody::empty());
+                let ok = match req {
+                    Ok(req) => {
+                        let pq = PathAndQuery::from_static("/health");
+                        match tokio::time::timeout(settings.timeout, self.upstreams.send(id, pq, req)).await {
+                            Ok(Ok(resp)) => resp.status().is_success(),
+                            _ => false,
+                        }
+                    }
+                    Err(_) => false,
+                };
+                match self.health.observe(id, ok, settings) {
+                    Some(Transition::Down) => tracing::warn!(worker = %w.name, "worker down: failed its health checks; its keys move to their next workers"),
+                    Some(Transition::Up) => tracing::info!(worker = %w.name, "worker up: passed its health checks; its keys return"),
+                    None => {}
+                }
+            },
+        );
+        futures_util::future::join_all(checks).await;
+    }
+}
+
+/// Runs active health checks until dropped, always on the current snapshot.
+pub async fn health_loop(proxy: Arc<Proxy>) {
+    loop {
+        let snap = proxy.snapshot();
+        let interval = snap.state.edge.health.interval;
+        snap.check_health().await;
+        drop(snap);
+        tokio::time::sleep(interval).await;
     }
 }

@@ -42,6 +42,15 @@ pub struct RequestView<'q> {
     pub client: IpAddr,
 }
 
+/// A request's route and key, before a worker is chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct Routed<'s, 'q> {
+    pub route: &'s Route,
+    pub pool: &'s WorkerPool,
+    pub key: StickyKey<'q>,
+    pub key_hash: u64,
+}
+
 /// Where one request goes.
 #[derive(Debug, Clone, Copy)]
 pub struct Decision<'s, 'q> {
@@ -80,12 +89,8 @@ impl EdgeState {
         })
     }
 
-    /// Routes one request: route, pool, sticky key and the chosen worker.
-    pub fn decide<'s, 'q>(
-        &'s self,
-        req: &RequestView<'q>,
-        health: &impl Health,
-    ) -> Decision<'s, 'q> {
+    /// Finds a request's route, pool and sticky key.
+    pub fn route<'s, 'q>(&'s self, req: &RequestView<'q>) -> Routed<'s, 'q> {
         let (path, query) = split_target(req.target);
         let keys = KeySource {
             query,
@@ -93,20 +98,33 @@ impl EdgeState {
             client: req.client,
         };
         let matched = self.routes.lookup(req.method, path, &keys);
-        let pool = self.topology.pool(matched.route.pool);
-        let key_hash = matched.key.hash();
-        let worker = Selector::new(&self.topology).pick(pool, key_hash, health);
-        Decision {
+        Routed {
             route: matched.route,
-            pool,
+            pool: self.topology.pool(matched.route.pool),
             key: matched.key,
-            key_hash,
+            key_hash: matched.key.hash(),
+        }
+    }
+
+    /// Routes one request: route, pool, sticky key and the chosen worker.
+    pub fn decide<'s, 'q>(
+        &'s self,
+        req: &RequestView<'q>,
+        health: &impl Health,
+    ) -> Decision<'s, 'q> {
+        let r = self.route(req);
+        let worker = Selector::new(&self.topology).pick(r.pool, r.key_hash, health);
+        Decision {
+            route: r.route,
+            pool: r.pool,
+            key: r.key,
+            key_hash: r.key_hash,
             worker,
         }
     }
 
-    /// The pool's members in the order this decision's key prefers them.
-    pub fn candidates(&self, decision: &Decision<'_, '_>) -> Candidates {
-        Selector::new(&self.topology).candidates(decision.pool, decision.key_hash)
+    /// The pool's members in the order a key prefers them (failover order).
+    pub fn candidates(&self, pool: &WorkerPool, key_hash: u64) -> Candidates {
+        Selector::new(&self.topology).candidates(pool, key_hash)
     }
 }

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -96,16 +97,15 @@ pub enum UpstreamError {
     Failed(String),
 }
 
-/// Clients to every worker of one topology.
-#[derive(Clone)]
-pub struct Upstreams {
+/// The pooled HTTP clients, shared by every topology a reload installs, so
+/// idle connections to workers survive reloads.
+pub struct Clients {
     unix: Client<UnixConnect, RequestBody>,
     tcp: Client<HttpConnector, RequestBody>,
-    targets: Vec<Option<Target>>,
 }
 
-impl Upstreams {
-    pub fn new(topology: &Topology, connect_timeout: Duration, pool: &UpstreamPool) -> Upstreams {
+impl Clients {
+    pub fn new(connect_timeout: Duration, pool: &UpstreamPool) -> Clients {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -117,11 +117,26 @@ impl Upstreams {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
-        Upstreams {
+        Clients {
             unix: builder.build(UnixConnect {
                 timeout: connect_timeout,
             }),
             tcp: builder.build(http),
+        }
+    }
+}
+
+/// Where each worker of one topology is reached.
+#[derive(Clone)]
+pub struct Upstreams {
+    clients: Arc<Clients>,
+    targets: Vec<Option<Target>>,
+}
+
+impl Upstreams {
+    pub fn new(topology: &Topology, clients: Arc<Clients>) -> Upstreams {
+        Upstreams {
+            clients,
             targets: topology
                 .workers
                 .iter()
@@ -148,9 +163,9 @@ impl Upstreams {
             .map_err(|_| UpstreamError::BadTarget)?;
         *req.uri_mut() = uri;
         let result = if target.unix {
-            self.unix.request(req).await
+            self.clients.unix.request(req).await
         } else {
-            self.tcp.request(req).await
+            self.clients.tcp.request(req).await
         };
         result.map_err(|e| {
             if e.is_connect() {

@@ -70,7 +70,7 @@ impl Harness {
         })
         .unwrap();
         let settings = ServerSettings::from_config(&state.edge);
-        let proxy = Arc::new(Proxy::new(Arc::new(state)));
+        let proxy = Arc::new(Proxy::new(state));
         let edge = Running::start(
             proxy,
             &[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())],

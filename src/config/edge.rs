@@ -35,6 +35,8 @@ pub struct EdgeConfig {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub upstream: UpstreamPool,
+    #[serde(default)]
+    pub health: crate::health::HealthSettings,
     /// Where this config came from (for error messages).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -111,6 +113,9 @@ pub struct Timeouts {
     /// Receiving a request's headers (slow clients).
     #[serde(with = "humantime_serde")]
     pub header_read: Duration,
+    /// On shutdown, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
 }
 
 impl Default for Timeouts {
@@ -121,6 +126,7 @@ impl Default for Timeouts {
             long_poll: Duration::from_secs(300),
             client_idle: Duration::from_secs(75),
             header_read: Duration::from_secs(20),
+            drain: Duration::from_secs(30),
         }
     }
 }

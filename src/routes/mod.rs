@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 pub use key::{KeyKind, KeySource, StickyKey, query_param};
 
 use crate::config::{ConfigError, ConfigErrors, Problems};
-use crate::topology::{PoolId, Topology};
+use crate::topology::{PoolId, Topology, WorkerId};
 
 /// The built-in route table, tracking Synapse's docs/workers.md.
 pub const BUILTIN_ROUTES: &str = include_str!("../../routes/synapse.yaml");
@@ -128,6 +128,10 @@ pub struct Route {
     /// Any one must hold; empty: always.
     pub query_any: Vec<QueryCondition>,
     pub long_poll: bool,
+    /// Whether main may serve the route when its pool has no live worker:
+    /// not for stream-writer endpoints (only the writer may serve them) nor
+    /// for media when main does not run the media repository.
+    pub fallback_to_main: bool,
     /// The concrete matchit patterns (alternatives expanded).
     pub paths: Vec<String>,
 }
@@ -181,8 +185,10 @@ impl RouteTable {
             methods: None,
             query_any: Vec::new(),
             long_poll: false,
+            fallback_to_main: true,
             paths: Vec::new(),
         }];
+        let main_has_media = topology.worker(WorkerId::MAIN).media_enabled;
         let mut by_path: Vec<(String, RouteIds)> = Vec::new();
         let mut path_index: HashMap<String, usize> = HashMap::new();
         let mut names: HashMap<&str, usize> = HashMap::new();
@@ -267,6 +273,11 @@ impl RouteTable {
                 methods,
                 query_any,
                 long_poll: spec.long_poll,
+                fallback_to_main: spec
+                    .pool
+                    .names()
+                    .iter()
+                    .all(|p| !p.starts_with("stream:") && (p != "media" || main_has_media)),
                 paths: Vec::new(),
             });
             if spec.paths.is_empty() {
