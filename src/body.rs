@@ -8,20 +8,25 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
+/// How much of a request body the edge keeps a copy of while sending it, so
+/// that a request whose worker fails can be sent to another one. Matrix
+/// requests are small JSON; uploads are larger and are never replayed.
+pub const REPLAY_LIMIT: usize = 64 << 10;
+
 /// Shared between a request body and the code waiting for the response:
-/// when the body last made progress, and whether it ran over the limit.
+/// when the body last made progress, whether it ran over the limit, and the
+/// body handed back by a failed attempt.
 #[derive(Debug)]
 pub struct BodyProgress {
     start: Instant,
     last_ms: AtomicU64,
     exceeded: AtomicBool,
-    /// A body handed back unread by a failed attempt, for a retry.
-    unread: Mutex<Option<Incoming>>,
+    unsent: Mutex<Option<Unsent>>,
 }
 
 impl BodyProgress {
@@ -30,7 +35,7 @@ impl BodyProgress {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             exceeded: AtomicBool::new(false),
-            unread: Mutex::new(None),
+            unsent: Mutex::new(None),
         })
     }
 
@@ -49,10 +54,27 @@ impl BodyProgress {
         self.exceeded.load(Ordering::Relaxed)
     }
 
-    /// The client's body, if an attempt gave it back without having sent
-    /// any of it: only then may the request be tried on another worker.
-    pub fn take_unread(&self) -> Option<Incoming> {
-        self.unread.lock().ok()?.take()
+    /// The whole body again, if the failed attempt gave it back: only then
+    /// may the request be tried on another worker.
+    pub fn take_unsent(&self) -> Option<Unsent> {
+        self.unsent.lock().ok()?.take()
+    }
+}
+
+/// A request body as yet unsent to the next worker: a copy of what an
+/// earlier attempt sent, then the rest still to read from the client.
+#[derive(Debug)]
+pub struct Unsent {
+    prefix: Bytes,
+    rest: Option<Incoming>,
+}
+
+impl From<Incoming> for Unsent {
+    fn from(body: Incoming) -> Self {
+        Unsent {
+            prefix: Bytes::new(),
+            rest: Some(body),
+        }
     }
 }
 
@@ -66,24 +88,27 @@ pub enum RequestBodyError {
 }
 
 /// A client's request body streamed to a worker, cut off past `limit`.
-/// Dropped before any of it was sent, it hands the client's body back (see
-/// [`BodyProgress::take_unread`]).
+/// While what it has sent is small it keeps a copy, and when dropped (the
+/// attempt over) it hands the whole body back for a retry
+/// ([`BodyProgress::take_unsent`]); past [`REPLAY_LIMIT`] it cannot.
 #[derive(Debug)]
 pub struct RequestBody {
+    prefix: Bytes,
     inner: Option<Incoming>,
+    kept: Option<BytesMut>,
     limit: u64,
     seen: u64,
-    sent_data: bool,
     progress: Option<Arc<BodyProgress>>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
+    pub fn new(body: Unsent, limit: u64, progress: Arc<BodyProgress>) -> Self {
         RequestBody {
-            inner: Some(inner),
+            prefix: body.prefix,
+            inner: body.rest,
+            kept: Some(BytesMut::new()),
             limit,
             seen: 0,
-            sent_data: false,
             progress: Some(progress),
         }
     }
@@ -91,22 +116,46 @@ impl RequestBody {
     /// No body (the edge's own requests, e.g. health checks).
     pub fn empty() -> Self {
         RequestBody {
+            prefix: Bytes::new(),
             inner: None,
+            kept: None,
             limit: 0,
             seen: 0,
-            sent_data: false,
             progress: None,
         }
+    }
+
+    /// Counts and keeps a copy of data about to be sent.
+    fn account(&mut self, data: &Bytes) -> Result<(), RequestBodyError> {
+        self.seen += data.len() as u64;
+        if self.seen > self.limit {
+            if let Some(p) = &self.progress {
+                p.exceeded.store(true, Ordering::Relaxed);
+            }
+            return Err(RequestBodyError::TooLarge(self.limit));
+        }
+        if let Some(kept) = &mut self.kept {
+            if kept.len() + data.len() <= REPLAY_LIMIT {
+                kept.extend_from_slice(data);
+            } else {
+                self.kept = None;
+            }
+        }
+        Ok(())
     }
 }
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        if !self.sent_data
-            && let (Some(inner), Some(p)) = (self.inner.take(), &self.progress)
-            && let Ok(mut slot) = p.unread.lock()
-        {
-            *slot = Some(inner);
+        let (Some(mut kept), Some(p)) = (self.kept.take(), &self.progress) else {
+            return;
+        };
+        kept.extend_from_slice(&self.prefix);
+        if let Ok(mut slot) = p.unsent.lock() {
+            *slot = Some(Unsent {
+                prefix: kept.freeze(),
+                rest: self.inner.take(),
+            });
         }
     }
 }
@@ -120,38 +169,56 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let data = std::mem::take(&mut this.prefix);
+            if let Err(e) = this.account(&data) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.sent_data = true;
-            this.seen += data.len() as u64;
-            if this.seen > this.limit {
-                if let Some(p) = &this.progress {
-                    p.exceeded.store(true, Ordering::Relaxed);
-                }
-                return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit))));
-            }
-        }
-        if polled.is_ready()
-            && let Some(p) = &this.progress
-        {
+        let polled = match Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(p) => p,
+        };
+        if let Some(p) = &this.progress {
             p.touch();
         }
-        polled.map_err(RequestBodyError::from)
+        match polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(e) = this.account(data)
+                {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.prefix.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
+        let rest = self
+            .inner
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let n = self.prefix.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + n);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + n);
+        }
+        hint
     }
 }
 

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use smallvec::SmallVec;
 
 use crate::balancing::Health;
-use crate::body::{BodyProgress, RequestBody, ResponseBody};
+use crate::body::{BodyProgress, RequestBody, ResponseBody, Unsent};
 use crate::config::Timeouts;
 use crate::health::{HealthTable, Transition};
 use crate::state::{EdgeState, RequestView};
@@ -194,13 +194,17 @@ impl Snapshot {
         let mut body = Some(body);
         let mut last_error = None;
         for (i, &worker) in order.iter().enumerate() {
-            // A retry needs the client's body back, unsent.
-            let Some(incoming) = body.take().or_else(|| progress.take_unread()) else {
+            // A retry needs the whole body back (see body::REPLAY_LIMIT).
+            let Some(unsent) = body
+                .take()
+                .map(Unsent::from)
+                .or_else(|| progress.take_unsent())
+            else {
                 break;
             };
             let worker_name = &state.topology.worker(worker).name;
             let last = i + 1 == order.len();
-            let mut req = Request::new(RequestBody::new(incoming, self.max_body, progress.clone()));
+            let mut req = Request::new(RequestBody::new(unsent, self.max_body, progress.clone()));
             *req.method_mut() = method.clone();
             *req.headers_mut() = if last {
                 std::mem::take(&mut headers)

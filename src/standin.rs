@@ -49,8 +49,10 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
 pub struct Stats {
     /// Connections accepted.
     pub connections: AtomicUsize,
-    /// Requests started (health checks included).
+    /// Requests started (health checks not included).
     pub requests: AtomicUsize,
+    /// `GET /health` requests answered.
+    pub health_checks: AtomicUsize,
     /// Requests answered completely.
     pub completed: AtomicUsize,
     /// When requests ended before their answer (client went away).
@@ -177,17 +179,17 @@ fn header_num(req: &Request<Incoming>, name: &str) -> Option<u64> {
 }
 
 async fn answer(req: Request<Incoming>, name: &str, stats: &Stats) -> Response<AnyBody> {
-    stats.requests.fetch_add(1, Ordering::SeqCst);
-    let mut pending = Pending { stats, done: false };
     let worker = HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("invalid"));
     if req.uri().path() == "/health" {
-        pending.done = true;
+        stats.health_checks.fetch_add(1, Ordering::SeqCst);
         let mut r = Response::new(Full::new(Bytes::from_static(b"OK")).boxed());
         r.headers_mut()
             .insert("content-type", HeaderValue::from_static("text/plain"));
         r.headers_mut().insert("x-worker", worker);
         return r;
     }
+    stats.requests.fetch_add(1, Ordering::SeqCst);
+    let mut pending = Pending { stats, done: false };
     let delay = header_num(&req, "x-standin-delay-ms");
     let respond_bytes = header_num(&req, "x-standin-response-bytes");
     let hop = req.headers().contains_key("x-standin-hop-headers");

@@ -3,125 +3,21 @@
 //! config generator and read back by the real config reader), the edge on
 //! an ephemeral port, and a real HTTP client.
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
+use common::harness::Harness;
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use synapse_edge::demo;
-use synapse_edge::listeners::{ListenAddr, Running, ServerSettings};
-use synapse_edge::proxy::Proxy;
 use synapse_edge::standin::StandIn;
-use synapse_edge::state::{EdgeState, Sources};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Harness {
-    dir: tempfile::TempDir,
-    standins: Vec<StandIn>,
-    edge: Running,
-    base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn worker(&self) -> &str {
-        self.headers
-            .get("x-worker")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("(none)")
-    }
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-impl Harness {
-    /// The guide's topology with stand-ins, and the edge with `edge_yaml`.
-    async fn start(edge_yaml: &str) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = demo::write_config(dir.path()).unwrap();
-        let standins = demo::start_standins(dir.path()).unwrap();
-        Self::with(dir, paths, standins, edge_yaml).await
-    }
-
-    async fn with(
-        dir: tempfile::TempDir,
-        paths: Vec<std::path::PathBuf>,
-        standins: Vec<StandIn>,
-        edge_yaml: &str,
-    ) -> Harness {
-        let edge_path = dir.path().join("edge.yaml");
-        std::fs::write(&edge_path, edge_yaml).unwrap();
-        let state = EdgeState::load(&Sources {
-            synapse: paths,
-            edge: Some(edge_path),
-            routes: None,
-        })
-        .unwrap();
-        let settings = ServerSettings::from_config(&state.edge);
-        let proxy = Arc::new(Proxy::new(state));
-        let edge = Running::start(
-            proxy,
-            &[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())],
-            settings,
-        )
-        .await
-        .unwrap();
-        let base = format!("http://{}", edge.tcp_addr().unwrap());
-        Harness {
-            dir,
-            standins,
-            edge,
-            base,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-
-    fn standin(&self, name: &str) -> &StandIn {
-        self.standins.iter().find(|s| s.name == name).unwrap()
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        target: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> Answer {
-        let mut req = Request::builder()
-            .method(Method::from_bytes(method.as_bytes()).unwrap())
-            .uri(format!("{}{target}", self.base));
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let resp = self
-            .client
-            .request(req.body(Full::new(Bytes::copy_from_slice(body))).unwrap())
-            .await
-            .unwrap();
-        let (parts, body) = resp.into_parts();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
-    }
-
-    async fn get(&self, target: &str) -> Answer {
-        self.send("GET", target, &[], b"").await
-    }
-}
 
 const ROOM: &str = "%21OGEhHVWSdvArJzumhm%3Ademo.example";
 

@@ -2,6 +2,8 @@
 //! a one-line way to ask where a request goes.
 #![allow(dead_code)]
 
+pub mod harness;
+
 use std::path::{Path, PathBuf};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};

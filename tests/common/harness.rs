@@ -1,0 +1,135 @@
+//! An edge in front of stand-in workers laid out like the guide's topology,
+//! on an ephemeral port, with a real HTTP client.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use synapse_edge::demo;
+use synapse_edge::listeners::{ListenAddr, Running, ServerSettings};
+use synapse_edge::proxy::Proxy;
+use synapse_edge::standin::StandIn;
+use synapse_edge::state::{EdgeState, Sources};
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub standins: Vec<StandIn>,
+    pub edge: Running,
+    pub proxy: Arc<Proxy>,
+    _health: AbortOnDrop,
+    pub base: String,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Stops a background task when the harness goes.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn worker(&self) -> &str {
+        self.headers
+            .get("x-worker")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("(none)")
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Harness {
+    /// The guide's topology with stand-ins, and the edge with `edge_yaml`.
+    pub async fn start(edge_yaml: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = demo::write_config(dir.path()).unwrap();
+        let standins = demo::start_standins(dir.path()).unwrap();
+        Self::with(dir, paths, standins, edge_yaml).await
+    }
+
+    pub async fn with(
+        dir: tempfile::TempDir,
+        paths: Vec<std::path::PathBuf>,
+        standins: Vec<StandIn>,
+        edge_yaml: &str,
+    ) -> Harness {
+        let edge_path = dir.path().join("edge.yaml");
+        std::fs::write(&edge_path, edge_yaml).unwrap();
+        let state = EdgeState::load(&Sources {
+            synapse: paths,
+            edge: Some(edge_path),
+            routes: None,
+        })
+        .unwrap();
+        let settings = ServerSettings::from_config(&state.edge);
+        let proxy = Arc::new(Proxy::new(state));
+        let health = AbortOnDrop(tokio::spawn(synapse_edge::proxy::health_loop(
+            proxy.clone(),
+        )));
+        let edge = Running::start(
+            proxy.clone(),
+            &[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())],
+            settings,
+        )
+        .await
+        .unwrap();
+        let base = format!("http://{}", edge.tcp_addr().unwrap());
+        Harness {
+            dir,
+            standins,
+            edge,
+            proxy,
+            _health: health,
+            base,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn standin(&self, name: &str) -> &StandIn {
+        self.standins.iter().find(|s| s.name == name).unwrap()
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(format!("{}{target}", self.base));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::copy_from_slice(body))).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    pub async fn get(&self, target: &str) -> Answer {
+        self.send("GET", target, &[], b"").await
+    }
+}

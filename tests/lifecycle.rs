@@ -1,0 +1,200 @@
+//! The edge process's life: SIGHUP reloads (a broken config is refused and
+//! the running one keeps serving), SIGTERM drains in-flight requests, refuses
+//! new connections and exits 0. Runs the real binary.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use synapse_edge::demo;
+use synapse_edge::standin::StandIn;
+
+struct Edge {
+    child: Child,
+    base: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Edge {
+    async fn start(dir: &Path, workers: &str) -> Edge {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.join(format!("edge-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_synapse-edge"))
+            .arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--synapse-config")
+            .arg(dir.join("homeserver.yaml"))
+            .arg("--synapse-config")
+            .arg(dir.join(workers))
+            .arg("--config")
+            .arg(dir.join("edge.yaml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let edge = Edge {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        for _ in 0..100 {
+            if edge.get("/_matrix/client/versions", &[]).await.is_ok() {
+                return edge;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the edge did not start: {}", edge.logs());
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn get(&self, target: &str, headers: &[(&str, &str)]) -> Result<(u16, String), String> {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut req = Request::get(format!("{}{target}", self.base));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = client
+            .request(req.body(Empty::new()).unwrap())
+            .await
+            .map_err(|e| e.to_string())?;
+        let worker = resp
+            .headers()
+            .get("x-worker")
+            .map(|v| v.to_str().unwrap_or("").to_string())
+            .unwrap_or_default();
+        let status = resp.status().as_u16();
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((status, worker))
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+fn setup() -> (tempfile::TempDir, Vec<StandIn>) {
+    let dir = tempfile::tempdir().unwrap();
+    demo::write_config(dir.path()).unwrap();
+    std::fs::write(dir.path().join("edge.yaml"), "health:\n  interval: 200ms\n").unwrap();
+    let standins = demo::start_standins(dir.path()).unwrap();
+    (dir, standins)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_installs_a_valid_config_and_refuses_a_broken_one() {
+    let (dir, _standins) = setup();
+    let edge = Edge::start(dir.path(), "workers").await;
+    let versions = "/_matrix/client/v3/capabilities";
+    assert_eq!(edge.get(versions, &[]).await.unwrap(), (200, "main".into()));
+
+    // A broken config: the reload is refused and nothing changes.
+    let hs = dir.path().join("homeserver.yaml");
+    let good = std::fs::read_to_string(&hs).unwrap();
+    std::fs::write(
+        &hs,
+        good.replace("  typing: client_sync1", "  typin: client_sync1"),
+    )
+    .unwrap();
+    edge.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..20 {
+        assert_eq!(edge.get(versions, &[]).await.unwrap().0, 200);
+    }
+    let logs = edge.logs();
+    assert!(logs.contains("reload refused"), "{logs}");
+    assert!(
+        logs.contains("stream_writers.typin"),
+        "the log does not say what is wrong: {logs}"
+    );
+
+    // A valid new config: client readers appear, and take their routes.
+    std::fs::write(&hs, &good).unwrap();
+    std::fs::write(
+        dir.path().join("edge.yaml"),
+        "health:\n  interval: 200ms\npools:\n  client_reader: [\"rooms*\"]\n",
+    )
+    .unwrap();
+    edge.signal("HUP");
+    let mut moved = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, worker) = edge.get(versions, &[]).await.unwrap();
+        assert_eq!(status, 200);
+        if worker.starts_with("rooms") {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "the reloaded pools were not used: {}", edge.logs());
+    assert!(edge.logs().contains("configuration reloaded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_zero() {
+    let (dir, _standins) = setup();
+    let mut edge = Edge::start(dir.path(), "workers").await;
+    let base = edge.base.clone();
+    let long = tokio::spawn(async move {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::get(format!("{base}/_matrix/client/v3/sync?since=s1"))
+            .header("x-standin-delay-ms", "1500")
+            .body(Empty::new())
+            .unwrap();
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((status, body.len()))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    edge.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = edge.base.trim_start_matches("http://").to_string();
+    assert!(
+        tokio::net::TcpStream::connect(&addr).await.is_err(),
+        "a new connection was accepted while draining"
+    );
+    let (status, len) = long.await.unwrap().expect("the in-flight request was cut");
+    assert_eq!(status, 200);
+    assert!(len > 0);
+    let code = tokio::task::spawn_blocking(move || edge.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code.code(), Some(0));
+}
