@@ -12,10 +12,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Serialize;
 
 use crate::balancing::AllUp;
+use crate::config::EdgeConfig;
 use crate::config::Endpoint;
-use crate::listeners::{ListenAddr, Running, ServerSettings};
+use crate::front::ListenerRole;
+use crate::listeners::{ListenAddr, ListenerSpec, Running, ServerSettings};
 use crate::proxy::Proxy;
 use crate::state::{EdgeState, RequestView, Sources};
+use crate::tls::{CertSpec, CertStore};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,13 +37,8 @@ pub enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Plain-HTTP listen address (repeatable); replaces edge.yaml's `listen`.
-        /// Default 127.0.0.1:8008.
-        #[arg(long, value_name = "ADDR")]
-        listen: Vec<SocketAddr>,
-        /// Also listen on this Unix socket.
-        #[arg(long, value_name = "PATH")]
-        listen_unix: Option<PathBuf>,
+        #[command(flatten)]
+        listen: ListenArgs,
     },
     /// Run the edge on the guide's topology with stand-in workers.
     Demo {
@@ -76,6 +74,27 @@ pub enum Command {
     },
 }
 
+/// Quick-start listeners; when any is given, they replace edge.yaml's.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ListenArgs {
+    /// Plain-HTTP address serving everything (repeatable). Default, without
+    /// listeners here or in edge.yaml: 127.0.0.1:8008.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+    /// Also listen on this Unix socket (plain HTTP).
+    #[arg(long, value_name = "PATH")]
+    pub listen_unix: Option<PathBuf>,
+    /// TLS address serving everything (repeatable); needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    pub listen_tls: Vec<SocketAddr>,
+    /// PEM certificate chain for --listen-tls.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --listen-tls.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+}
+
 /// Where the configuration comes from; shared by every command.
 #[derive(Args, Debug, Clone)]
 pub struct ConfigArgs {
@@ -104,11 +123,7 @@ impl ConfigArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run {
-            config,
-            listen,
-            listen_unix,
-        } => run(&config, listen, listen_unix),
+        Command::Run { config, listen } => run(&config, &listen),
         Command::Demo { listen } => demo(listen),
         Command::Check { config, json } => check(&config, json),
         Command::Route {
@@ -440,12 +455,18 @@ fn startup_line(state: &EdgeState, addrs: &[ListenAddr]) {
 /// Serves until SIGTERM or Ctrl-C; SIGHUP reloads `sources` (when given).
 async fn serve_until_stopped(
     state: EdgeState,
-    addrs: Vec<ListenAddr>,
+    specs: Vec<ListenerSpec>,
     sources: Option<crate::state::Sources>,
+    certs: Option<Arc<CertStore>>,
 ) -> ExitCode {
     let settings = ServerSettings::from_config(&state.edge);
+    let watch_every = state
+        .edge
+        .tls
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(10), |t| t.watch_interval);
     let proxy = Arc::new(Proxy::new(state));
-    let mut running = match Running::start(proxy.clone(), &addrs, settings).await {
+    let mut running = match Running::start(proxy.clone(), &specs, settings).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("synapse-edge: {e}");
@@ -454,13 +475,14 @@ async fn serve_until_stopped(
     };
     startup_line(&proxy.snapshot().state, &running.addrs);
     let health = tokio::spawn(crate::proxy::health_loop(proxy.clone()));
-    let reloads = sources.map(|s| tokio::spawn(reload_on_sighup(proxy.clone(), s)));
+    let reloads = sources.map(|s| tokio::spawn(reload_on_sighup(proxy.clone(), s, certs.clone())));
+    let cert_watch = certs.map(|c| tokio::spawn(crate::tls::watch(c, watch_every)));
     stop_signal().await;
     running.request_stop();
     running.wait().await;
     health.abort();
-    if let Some(r) = reloads {
-        r.abort();
+    for task in reloads.into_iter().chain(cert_watch) {
+        task.abort();
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
@@ -468,12 +490,19 @@ async fn serve_until_stopped(
 
 /// SIGHUP: read and validate the whole configuration again; install it only
 /// if it is usable, otherwise keep serving the running one.
-async fn reload_on_sighup(proxy: Arc<Proxy>, sources: crate::state::Sources) {
+async fn reload_on_sighup(
+    proxy: Arc<Proxy>,
+    sources: crate::state::Sources,
+    certs: Option<Arc<CertStore>>,
+) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: reload is unavailable");
         return;
     };
     while hup.recv().await.is_some() {
+        if let Some(c) = &certs {
+            crate::tls::reload_logged(c);
+        }
         let loaded = tokio::task::spawn_blocking({
             let sources = sources.clone();
             move || EdgeState::load(&sources)
@@ -497,43 +526,119 @@ async fn reload_on_sighup(proxy: Arc<Proxy>, sources: crate::state::Sources) {
     }
 }
 
-fn run(config: &ConfigArgs, listen: Vec<SocketAddr>, listen_unix: Option<PathBuf>) -> ExitCode {
+fn run(config: &ConfigArgs, listen: &ListenArgs) -> ExitCode {
     init_logging();
     let state = match load(config) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let mut addrs: Vec<ListenAddr> = listen.into_iter().map(ListenAddr::Tcp).collect();
-    if addrs.is_empty() {
-        for a in &state.edge.listen {
-            match a.parse::<SocketAddr>() {
-                Ok(a) => addrs.push(ListenAddr::Tcp(a)),
-                Err(_) => {
-                    eprintln!(
-                        "synapse-edge: {}: `listen`: `{a}` is not an address\n    fix: write host:port, e.g. 0.0.0.0:8008 or [::]:8008",
-                        state
-                            .edge
-                            .source
-                            .as_deref()
-                            .unwrap_or(std::path::Path::new("edge.yaml"))
-                            .display()
-                    );
-                    return ExitCode::from(2);
-                }
-            }
+    let (specs, certs) = match listener_specs(&state.edge, listen) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("synapse-edge: {e}");
+            return ExitCode::from(2);
         }
-    }
-    if let Some(p) = listen_unix.or(state.edge.listen_unix.clone()) {
-        addrs.push(ListenAddr::Unix(p));
-    }
-    if addrs.is_empty() {
-        addrs.push(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8008))));
-    }
+    };
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(serve_until_stopped(state, addrs, Some(config.sources())))
+    rt.block_on(serve_until_stopped(
+        state,
+        specs,
+        Some(config.sources()),
+        certs,
+    ))
+}
+
+/// The listeners to open: the command line's when it names any, else
+/// edge.yaml's (`listeners`, `listen`, `listen_unix`), else 127.0.0.1:8008.
+fn listener_specs(
+    edge: &EdgeConfig,
+    cli: &ListenArgs,
+) -> Result<(Vec<ListenerSpec>, Option<Arc<CertStore>>), String> {
+    let cert_specs = match (&cli.tls_cert, &cli.tls_key, &edge.tls) {
+        (Some(cert), Some(key), _) => vec![CertSpec {
+            cert: cert.clone(),
+            key: key.clone(),
+            names: Vec::new(),
+        }],
+        (_, _, Some(tls)) => tls.certificates.clone(),
+        _ => Vec::new(),
+    };
+    let certs = if cert_specs.is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            CertStore::load(cert_specs)
+                .map_err(|e| format!("cannot load TLS certificates: {e}"))?,
+        ))
+    };
+    let tls_config = certs
+        .as_ref()
+        .map(|c| crate::tls::server_config(c.clone()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mut specs = Vec::new();
+    let from_cli =
+        !cli.listen.is_empty() || !cli.listen_tls.is_empty() || cli.listen_unix.is_some();
+    if from_cli {
+        specs.extend(
+            cli.listen
+                .iter()
+                .map(|a| ListenerSpec::plain(ListenAddr::Tcp(*a))),
+        );
+        for a in &cli.listen_tls {
+            specs.push(ListenerSpec {
+                addr: ListenAddr::Tcp(*a),
+                role: Arc::new(ListenerRole::default()),
+                tls: tls_config.clone(),
+            });
+        }
+        if let Some(p) = &cli.listen_unix {
+            specs.push(ListenerSpec::plain(ListenAddr::Unix(p.clone())));
+        }
+    } else {
+        for l in &edge.listeners {
+            // Validated when edge.yaml was loaded.
+            let addr = l
+                .listen
+                .parse()
+                .map_err(|_| format!("`{}` is not an address", l.listen))?;
+            let hsts = match &l.hsts {
+                Some(h) => Some(
+                    http::HeaderValue::from_str(h)
+                        .map_err(|_| format!("hsts `{h}` is not a header value"))?,
+                ),
+                None => None,
+            };
+            specs.push(ListenerSpec {
+                addr: ListenAddr::Tcp(addr),
+                role: Arc::new(ListenerRole {
+                    serves: l.serve.clone(),
+                    hsts,
+                    redirect_https: l.redirect_https,
+                    acme_challenge_dir: l.acme_challenge_dir.clone(),
+                    proxy_protocol: l.proxy_protocol,
+                }),
+                tls: if l.tls { tls_config.clone() } else { None },
+            });
+        }
+        for a in &edge.listen {
+            let addr = a.parse().map_err(|_| format!("`{a}` is not an address"))?;
+            specs.push(ListenerSpec::plain(ListenAddr::Tcp(addr)));
+        }
+        if let Some(p) = &edge.listen_unix {
+            specs.push(ListenerSpec::plain(ListenAddr::Unix(p.clone())));
+        }
+    }
+    if specs.is_empty() {
+        specs.push(ListenerSpec::plain(ListenAddr::Tcp(SocketAddr::from((
+            [127, 0, 0, 1],
+            8008,
+        )))));
+    }
+    Ok((specs, certs))
 }
 
 fn demo(listen: SocketAddr) -> ExitCode {
@@ -588,6 +693,12 @@ fn demo(listen: SocketAddr) -> ExitCode {
             dir.path().display(),
             crate::demo::curl_examples(&format!("http://{listen}"))
         );
-        serve_until_stopped(state, vec![ListenAddr::Tcp(listen)], None).await
+        serve_until_stopped(
+            state,
+            vec![ListenerSpec::plain(ListenAddr::Tcp(listen))],
+            None,
+            None,
+        )
+        .await
     })
 }

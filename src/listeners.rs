@@ -20,6 +20,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use tokio_rustls::TlsAcceptor;
+
+use crate::front::ListenerRole;
 use crate::proxy::{ClientConn, Proxy};
 
 /// Where to listen.
@@ -38,16 +41,42 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// A listener to open: where, what for, and with which TLS configuration.
+#[derive(Clone)]
+pub struct ListenerSpec {
+    pub addr: ListenAddr,
+    pub role: Arc<ListenerRole>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl ListenerSpec {
+    /// Plain HTTP serving everything.
+    pub fn plain(addr: ListenAddr) -> ListenerSpec {
+        ListenerSpec {
+            addr,
+            role: Arc::new(ListenerRole::default()),
+            tls: None,
+        }
+    }
+}
+
 /// A bound listening socket.
-pub enum Bound {
+pub enum BoundSocket {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
 }
 
+/// A bound listener with its role.
+pub struct Bound {
+    socket: BoundSocket,
+    role: Arc<ListenerRole>,
+    tls: Option<TlsAcceptor>,
+}
+
 impl Bound {
-    pub async fn bind(addr: &ListenAddr) -> io::Result<Bound> {
-        match addr {
-            ListenAddr::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a).await?)),
+    pub async fn bind(spec: &ListenerSpec) -> io::Result<Bound> {
+        let socket = match &spec.addr {
+            ListenAddr::Tcp(a) => BoundSocket::Tcp(TcpListener::bind(a).await?),
             ListenAddr::Unix(p) => {
                 // A socket file left by an earlier run blocks the bind.
                 if std::fs::symlink_metadata(p).is_ok()
@@ -55,16 +84,21 @@ impl Bound {
                 {
                     std::fs::remove_file(p)?;
                 }
-                Ok(Bound::Unix(UnixListener::bind(p)?, p.clone()))
+                BoundSocket::Unix(UnixListener::bind(p)?, p.clone())
             }
-        }
+        };
+        Ok(Bound {
+            socket,
+            role: spec.role.clone(),
+            tls: spec.tls.clone().map(TlsAcceptor::from),
+        })
     }
 
     /// The address actually bound (the port, when asked for port 0).
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
-        match self {
-            Bound::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
-            Bound::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
+        match &self.socket {
+            BoundSocket::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
+            BoundSocket::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
         }
     }
 }
@@ -143,6 +177,7 @@ pub async fn serve(
             builder: builder.clone(),
             proxy: proxy.clone(),
             idle: settings.client_idle_timeout,
+            header_read: settings.header_read_timeout,
             stop: stop_rx.clone(),
         };
         tracker.spawn(accept_loop(listener, ctx, tracker.clone()));
@@ -164,6 +199,7 @@ struct ConnContext {
     builder: Arc<auto::Builder<TokioExecutor>>,
     proxy: Arc<Proxy>,
     idle: Duration,
+    header_read: Duration,
     stop: watch::Receiver<bool>,
 }
 
@@ -171,22 +207,24 @@ async fn accept_loop(listener: Bound, ctx: ConnContext, tracker: TaskTracker) {
     let mut stop = ctx.stop.clone();
     loop {
         let accepted = tokio::select! {
-            a = accept(&listener) => a,
+            a = accept(&listener.socket) => a,
             _ = stop.changed() => break,
         };
         match accepted {
             Ok(Accepted::Tcp(stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let client = ClientConn {
-                    addr: peer.ip().to_canonical(),
-                    scheme: "http",
+                let conn = Conn {
+                    peer: peer.ip().to_canonical(),
+                    role: listener.role.clone(),
+                    tls: listener.tls.clone(),
                 };
-                tracker.spawn(serve_conn(stream, client, ctx.clone()));
+                tracker.spawn(start_tcp_conn(stream, conn, ctx.clone()));
             }
             Ok(Accepted::Unix(stream)) => {
                 let client = ClientConn {
-                    addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
                     scheme: "http",
+                    role: listener.role.clone(),
                 };
                 tracker.spawn(serve_conn(stream, client, ctx.clone()));
             }
@@ -197,8 +235,61 @@ async fn accept_loop(listener: Bound, ctx: ConnContext, tracker: TaskTracker) {
             }
         }
     }
-    if let Bound::Unix(_, path) = &listener {
+    if let BoundSocket::Unix(_, path) = &listener.socket {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// A TCP connection before its first request: PROXY header and TLS to go.
+struct Conn {
+    peer: IpAddr,
+    role: Arc<ListenerRole>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Reads a PROXY protocol header if the listener expects one, completes the
+/// TLS handshake if it has TLS, then serves HTTP. Both steps are bounded by
+/// the header-read timeout, against clients that connect and stall.
+async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: ConnContext) {
+    let deadline = ctx.header_read;
+    let mut peer = conn.peer;
+    if conn.role.proxy_protocol {
+        let trusted = ctx.proxy.snapshot().state.edge.trusted_proxies.clone();
+        if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&peer)) {
+            tracing::warn!(%peer, "PROXY protocol from an untrusted peer refused");
+            return;
+        }
+        match tokio::time::timeout(deadline, crate::front::read_proxy_header(&mut stream)).await {
+            Ok(Ok(Some(addr))) => peer = addr,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "bad PROXY protocol header");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    match conn.tls {
+        None => {
+            let client = ClientConn {
+                peer,
+                scheme: "http",
+                role: conn.role,
+            };
+            serve_conn(stream, client, ctx).await;
+        }
+        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let client = ClientConn {
+                    peer,
+                    scheme: "https",
+                    role: conn.role,
+                };
+                serve_conn(tls, client, ctx).await;
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        },
     }
 }
 
@@ -207,10 +298,10 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(listener: &Bound) -> io::Result<Accepted> {
+async fn accept(listener: &BoundSocket) -> io::Result<Accepted> {
     match listener {
-        Bound::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
-        Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        BoundSocket::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+        BoundSocket::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
     }
 }
 
@@ -229,6 +320,7 @@ where
         service_fn(move |req| {
             let guard = activity.begin();
             let proxy = proxy.clone();
+            let client = client.clone();
             async move {
                 let resp = proxy.handle(req, client).await;
                 drop(guard);
@@ -290,13 +382,14 @@ impl Running {
     /// Binds every address, then serves in the background.
     pub async fn start(
         proxy: Arc<Proxy>,
-        addrs: &[ListenAddr],
+        specs: &[ListenerSpec],
         settings: ServerSettings,
     ) -> io::Result<Running> {
         let mut bound = Vec::new();
         let mut local = Vec::new();
-        for a in addrs {
-            let b = Bound::bind(a)
+        for spec in specs {
+            let a = &spec.addr;
+            let b = Bound::bind(spec)
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
             local.push(b.local_addr()?);

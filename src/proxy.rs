@@ -10,6 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
+    STRICT_TRANSPORT_SECURITY,
 };
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -19,6 +20,7 @@ use smallvec::SmallVec;
 use crate::balancing::Health;
 use crate::body::{BodyProgress, RequestBody, ResponseBody, Unsent};
 use crate::config::Timeouts;
+use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
 use crate::state::{EdgeState, RequestView};
 use crate::topology::WorkerId;
@@ -62,11 +64,14 @@ pub struct Proxy {
 }
 
 /// Facts about the client connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientConn {
-    pub addr: IpAddr,
+    /// The peer's address (from a PROXY header, if the listener takes one).
+    pub peer: IpAddr,
     /// `http` or `https`: the listener's scheme, for X-Forwarded-Proto.
     pub scheme: &'static str,
+    /// What the listener is for.
+    pub role: Arc<ListenerRole>,
 }
 
 /// Why one attempt at a worker did not give a response.
@@ -109,12 +114,17 @@ impl Proxy {
     /// Serves one request. Never fails: every problem becomes a response.
     pub async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Response<ResponseBody> {
         let snap = self.current.load_full();
-        snap.handle(req, conn).await
+        let mut resp = snap.handle(req, &conn).await;
+        if let Some(hsts) = &conn.role.hsts {
+            resp.headers_mut()
+                .insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        resp
     }
 }
 
 impl Snapshot {
-    async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Response<ResponseBody> {
+    async fn handle(&self, req: Request<Incoming>, conn: &ClientConn) -> Response<ResponseBody> {
         let (mut parts, body) = req.into_parts();
         let Some(pq) = parts
             .uri
@@ -128,6 +138,29 @@ impl Snapshot {
                 "the request target must be an absolute path",
             );
         };
+        // What the edge answers or refuses itself.
+        let edge = &self.state.edge;
+        let role = &conn.role;
+        if role.redirect_https {
+            return front::redirect_or_challenge(role, pq.as_str(), &parts.headers);
+        }
+        if let Some(r) = edge.well_known.answer(pq.path()) {
+            return r;
+        }
+        if let Some(kind) = Traffic::of(pq.path())
+            && !role.serves.contains(&kind)
+        {
+            return matrix_error(
+                StatusCode::NOT_FOUND,
+                "M_UNRECOGNIZED",
+                "Unrecognized request",
+            );
+        }
+        let client = front::client_address(conn.peer, &parts.headers, &edge.trusted_proxies);
+        if let Some(r) = edge.admin.check(pq.path(), client) {
+            tracing::info!(%client, path = pq.path(), "admin API refused");
+            return r;
+        }
         if declared_length(&parts.headers).is_some_and(|n| n > self.max_body) {
             tracing::info!(
                 path = pq.path(),
@@ -142,7 +175,7 @@ impl Snapshot {
             method: &parts.method,
             target: pq.as_str(),
             headers: &parts.headers,
-            client: conn.addr,
+            client,
         };
         let routed = state.route(&view);
         let route = routed.route;
@@ -181,7 +214,7 @@ impl Snapshot {
             parts.headers.insert(HOST, v);
         }
         strip_hop_by_hop(&mut parts.headers);
-        set_forwarded(&mut parts.headers, conn);
+        set_forwarded(&mut parts.headers, client, conn.scheme);
         let method = parts.method;
         let mut headers = parts.headers;
         // Retried after a response was lost only when repeating is harmless.
@@ -353,14 +386,14 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Synapse takes the client address from the *first* X-Forwarded-For entry,
-/// so a value sent by an untrusted client is replaced, never appended to:
-/// otherwise any client could choose the address Synapse logs, rate-limits
-/// and bans.
-fn set_forwarded(headers: &mut HeaderMap, conn: ClientConn) {
-    if let Ok(v) = HeaderValue::from_str(&conn.addr.to_string()) {
+/// so the header is replaced by the one address the edge believes (the
+/// peer, or what trusted proxies said), never appended to: otherwise any
+/// client could choose the address Synapse logs, rate-limits and bans.
+fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
 }
 
 /// How long a connection may wait for a worker's answer on this route.

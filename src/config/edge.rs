@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::error::ConfigError;
 
 /// The edge configuration as written by the operator.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
     /// Name-pattern pools: pool name to worker-name patterns (`*` wildcard).
@@ -37,6 +37,18 @@ pub struct EdgeConfig {
     pub upstream: UpstreamPool,
     #[serde(default)]
     pub health: crate::health::HealthSettings,
+    /// Listeners with their roles (TLS, traffic served, redirect...).
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub well_known: crate::front::WellKnown,
+    #[serde(default)]
+    pub admin: crate::front::AdminGuard,
+    /// Peers whose X-Forwarded-For is believed (load balancers in front).
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Where this config came from (for error messages).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -72,8 +84,107 @@ impl EdgeConfig {
             cfg.routes = Some(dir.join(routes));
         }
         cfg.source = Some(path.to_path_buf());
+        cfg.validate(path)?;
         Ok(cfg)
     }
+}
+
+impl EdgeConfig {
+    /// Checks what serde cannot: addresses, and listener combinations.
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            if l.listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{key}.listen"),
+                    format!("`{}` is not an address", l.listen),
+                    "write host:port, e.g. 0.0.0.0:443 or [::]:8448",
+                ));
+            }
+            if l.tls && self.tls.as_ref().is_none_or(|t| t.certificates.is_empty()) {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{key}.tls"),
+                    "a TLS listener needs certificates",
+                    "add `tls: {certificates: [{cert: fullchain.pem, key: privkey.pem}]}`",
+                ));
+            }
+            if l.tls && l.redirect_https {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{key}.redirect_https"),
+                    "a TLS listener cannot redirect to HTTPS",
+                    "use redirect_https on the plain-HTTP listener (port 80)",
+                ));
+            }
+            if l.hsts.is_some() && !l.tls {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{key}.hsts"),
+                    "HSTS on a plain-HTTP listener is ignored by browsers",
+                    "set hsts on the TLS listener",
+                ));
+            }
+        }
+        for a in &self.listen {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::new(
+                    path,
+                    "listen",
+                    format!("`{a}` is not an address"),
+                    "write host:port, e.g. 0.0.0.0:8008 or [::]:8008",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One listener (`listeners:` in edge.yaml).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `host:port`, e.g. `0.0.0.0:443` or `[::]:8448`.
+    pub listen: String,
+    /// Serve TLS with the certificates of `tls:`.
+    #[serde(default)]
+    pub tls: bool,
+    /// What it serves: client, federation, media (default all). Other
+    /// paths get 404 M_UNRECOGNIZED.
+    #[serde(default = "all_traffic")]
+    pub serve: Vec<crate::front::Traffic>,
+    /// A `Strict-Transport-Security` value to send, e.g. `max-age=63072000`.
+    #[serde(default)]
+    pub hsts: Option<String>,
+    /// Answer every request with a 301 to the same URL over HTTPS.
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// Serve `/.well-known/acme-challenge/` from this folder (certbot webroot).
+    #[serde(default)]
+    pub acme_challenge_dir: Option<PathBuf>,
+    /// Connections begin with a PROXY protocol v1/v2 header (from a trusted
+    /// load balancer).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+fn all_traffic() -> Vec<crate::front::Traffic> {
+    crate::front::Traffic::ALL.to_vec()
+}
+
+/// Certificates for the TLS listeners.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub certificates: Vec<crate::tls::CertSpec>,
+    /// How often the files are checked for changes.
+    #[serde(default = "ten_seconds", with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Request limits.

@@ -6,7 +6,7 @@ mod edge;
 mod error;
 mod synapse;
 
-pub use edge::{ByteSize, EdgeConfig, Limits, Timeouts, UpstreamPool};
+pub use edge::{ByteSize, EdgeConfig, Limits, ListenerConfig, Timeouts, TlsConfig, UpstreamPool};
 pub(crate) use error::Problems;
 pub use error::{ConfigError, ConfigErrors};
 pub use synapse::{Endpoint, Listener, MAIN, Stream, SynapseConfig, WorkerFile};

@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use synapse_edge::demo;
-use synapse_edge::listeners::{ListenAddr, Running, ServerSettings};
+use synapse_edge::listeners::{ListenAddr, ListenerSpec, Running, ServerSettings};
 use synapse_edge::proxy::Proxy;
 use synapse_edge::standin::StandIn;
 use synapse_edge::state::{EdgeState, Sources};
@@ -82,7 +82,9 @@ impl Harness {
         )));
         let edge = Running::start(
             proxy.clone(),
-            &[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())],
+            &[ListenerSpec::plain(ListenAddr::Tcp(
+                "127.0.0.1:0".parse().unwrap(),
+            ))],
             settings,
         )
         .await
