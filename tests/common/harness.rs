@@ -67,6 +67,26 @@ impl Harness {
         standins: Vec<StandIn>,
         edge_yaml: &str,
     ) -> Harness {
+        let plain = ListenerSpec::plain(ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()));
+        Self::with_listeners(dir, paths, standins, edge_yaml, vec![plain]).await
+    }
+
+    /// The guide's topology with stand-ins, and the edge on these listeners
+    /// (the first must be plain TCP: it is `base`).
+    pub async fn start_listeners(edge_yaml: &str, listeners: Vec<ListenerSpec>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = demo::write_config(dir.path()).unwrap();
+        let standins = demo::start_standins(dir.path()).unwrap();
+        Self::with_listeners(dir, paths, standins, edge_yaml, listeners).await
+    }
+
+    pub async fn with_listeners(
+        dir: tempfile::TempDir,
+        paths: Vec<std::path::PathBuf>,
+        standins: Vec<StandIn>,
+        edge_yaml: &str,
+        listeners: Vec<ListenerSpec>,
+    ) -> Harness {
         let edge_path = dir.path().join("edge.yaml");
         std::fs::write(&edge_path, edge_yaml).unwrap();
         let state = EdgeState::load(&Sources {
@@ -80,15 +100,9 @@ impl Harness {
         let health = AbortOnDrop(tokio::spawn(synapse_edge::proxy::health_loop(
             proxy.clone(),
         )));
-        let edge = Running::start(
-            proxy.clone(),
-            &[ListenerSpec::plain(ListenAddr::Tcp(
-                "127.0.0.1:0".parse().unwrap(),
-            ))],
-            settings,
-        )
-        .await
-        .unwrap();
+        let edge = Running::start(proxy.clone(), &listeners, settings)
+            .await
+            .unwrap();
         let base = format!("http://{}", edge.tcp_addr().unwrap());
         Harness {
             dir,
@@ -98,6 +112,14 @@ impl Harness {
             _health: health,
             base,
             client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// The TCP address of the n-th listener.
+    pub fn addr(&self, n: usize) -> std::net::SocketAddr {
+        match &self.edge.addrs[n] {
+            ListenAddr::Tcp(a) => *a,
+            ListenAddr::Unix(_) => panic!("listener {n} is a Unix socket"),
         }
     }
 
