@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, unit and integration tests, and the
 # end-to-end suite against real Synapse (tests/e2e/run.sh installs what it
-# needs: PostgreSQL, Redis, a Python venv with pinned Synapse and matrix-nio).
+# needs: PostgreSQL, Redis, a Python venv with pinned Synapse and matrix-nio),
+# and Chromium for the status page test.
 # SKIP_E2E=1 skips the end-to-end suite for a quick local run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The status page test renders the page in headless Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (Debian package) for the status page test"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+fi
 
 echo "== formatting"
 cargo fmt --all -- --check

@@ -99,10 +99,16 @@ pub struct RequestBody {
     limit: u64,
     seen: u64,
     progress: Option<Arc<BodyProgress>>,
+    counter: Option<prometheus::IntCounter>,
 }
 
 impl RequestBody {
-    pub fn new(body: Unsent, limit: u64, progress: Arc<BodyProgress>) -> Self {
+    pub fn new(
+        body: Unsent,
+        limit: u64,
+        progress: Arc<BodyProgress>,
+        counter: Option<prometheus::IntCounter>,
+    ) -> Self {
         RequestBody {
             prefix: body.prefix,
             inner: body.rest,
@@ -110,6 +116,7 @@ impl RequestBody {
             limit,
             seen: 0,
             progress: Some(progress),
+            counter,
         }
     }
 
@@ -122,12 +129,16 @@ impl RequestBody {
             limit: 0,
             seen: 0,
             progress: None,
+            counter: None,
         }
     }
 
     /// Counts and keeps a copy of data about to be sent.
     fn account(&mut self, data: &Bytes) -> Result<(), RequestBodyError> {
         self.seen += data.len() as u64;
+        if let Some(c) = &self.counter {
+            c.inc_by(data.len() as u64);
+        }
         if self.seen > self.limit {
             if let Some(p) = &self.progress {
                 p.exceeded.store(true, Ordering::Relaxed);
@@ -222,21 +233,83 @@ impl Body for RequestBody {
     }
 }
 
-/// What the edge answers with: a worker's streamed body, or a small body
-/// of its own (errors, health).
+/// Called when a response body is finished (or abandoned) with the number
+/// of body bytes sent: counts them and writes the access log line.
+pub struct Tap {
+    bytes: u64,
+    counter: Option<prometheus::IntCounter>,
+    on_end: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl Tap {
+    pub fn new(
+        counter: Option<prometheus::IntCounter>,
+        on_end: Option<Box<dyn FnOnce(u64) + Send>>,
+    ) -> Tap {
+        Tap {
+            bytes: 0,
+            counter,
+            on_end,
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if let Some(c) = &self.counter {
+            c.inc_by(self.bytes);
+        }
+        if let Some(f) = self.on_end.take() {
+            f(self.bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap").field("bytes", &self.bytes).finish()
+    }
+}
+
 #[derive(Debug)]
-pub enum ResponseBody {
+enum Content {
     Upstream(Incoming),
     Full(Option<Bytes>),
 }
 
+/// What the edge answers with: a worker's streamed body, or a small body
+/// of its own (errors, well-known...), optionally tapped.
+#[derive(Debug)]
+pub struct ResponseBody {
+    content: Content,
+    tap: Option<Box<Tap>>,
+}
+
 impl ResponseBody {
+    pub fn upstream(body: Incoming) -> Self {
+        ResponseBody {
+            content: Content::Upstream(body),
+            tap: None,
+        }
+    }
+
     pub fn full(bytes: impl Into<Bytes>) -> Self {
-        ResponseBody::Full(Some(bytes.into()))
+        ResponseBody {
+            content: Content::Full(Some(bytes.into())),
+            tap: None,
+        }
     }
 
     pub fn empty() -> Self {
-        ResponseBody::Full(None)
+        ResponseBody {
+            content: Content::Full(None),
+            tap: None,
+        }
+    }
+
+    pub fn tapped(mut self, tap: Tap) -> Self {
+        self.tap = Some(Box::new(tap));
+        self
     }
 
     /// Collects the body (tests and small internal responses only).
@@ -253,24 +326,31 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            ResponseBody::Upstream(b) => Pin::new(b).poll_frame(cx),
-            ResponseBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        let this = self.get_mut();
+        let polled = match &mut this.content {
+            Content::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Content::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(tap)) = (&polled, &mut this.tap)
+            && let Some(d) = frame.data_ref()
+        {
+            tap.bytes += d.len() as u64;
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Upstream(b) => b.is_end_stream(),
-            ResponseBody::Full(b) => b.is_none(),
+        match &self.content {
+            Content::Upstream(b) => b.is_end_stream(),
+            Content::Full(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ResponseBody::Upstream(b) => b.size_hint(),
-            ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ResponseBody::Full(None) => SizeHint::with_exact(0),
+        match &self.content {
+            Content::Upstream(b) => b.size_hint(),
+            Content::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Content::Full(None) => SizeHint::with_exact(0),
         }
     }
 }

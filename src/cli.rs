@@ -12,8 +12,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Serialize;
 
 use crate::balancing::AllUp;
-use crate::config::EdgeConfig;
 use crate::config::Endpoint;
+use crate::config::{EdgeConfig, LogFormat};
 use crate::front::ListenerRole;
 use crate::listeners::{ListenAddr, ListenerSpec, Running, ServerSettings};
 use crate::proxy::Proxy;
@@ -45,6 +45,9 @@ pub enum Command {
         /// Where the demo edge listens.
         #[arg(long, default_value = "127.0.0.1:8008")]
         listen: SocketAddr,
+        /// Where /metrics and the status page are served.
+        #[arg(long, default_value = "127.0.0.1:9108")]
+        metrics: SocketAddr,
     },
     /// Load the configuration and show workers, pools and warnings.
     Check {
@@ -93,6 +96,10 @@ pub struct ListenArgs {
     /// PEM private key for --listen-tls.
     #[arg(long, value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
+    /// Serve /metrics, /status and /status.json here (replaces edge.yaml's
+    /// `metrics_listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Where the configuration comes from; shared by every command.
@@ -124,7 +131,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, listen } => run(&config, &listen),
-        Command::Demo { listen } => demo(listen),
+        Command::Demo { listen, metrics } => demo(listen, metrics),
         Command::Check { config, json } => check(&config, json),
         Command::Route {
             config,
@@ -392,13 +399,18 @@ fn route(
     ExitCode::SUCCESS
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -458,6 +470,7 @@ async fn serve_until_stopped(
     specs: Vec<ListenerSpec>,
     sources: Option<crate::state::Sources>,
     certs: Option<Arc<CertStore>>,
+    metrics: Option<SocketAddr>,
 ) -> ExitCode {
     let settings = ServerSettings::from_config(&state.edge);
     let watch_every = state
@@ -474,6 +487,30 @@ async fn serve_until_stopped(
         }
     };
     startup_line(&proxy.snapshot().state, &running.addrs);
+    let mut background = Vec::new();
+    if let Some(addr) = metrics {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, "metrics and status page at http://{addr}/metrics and /status");
+                let sampler = Arc::new(crate::status::Sampler::default());
+                background.push(tokio::spawn(crate::status::sample_loop(
+                    proxy.clone(),
+                    sampler.clone(),
+                )));
+                background.push(tokio::spawn(crate::status::serve(
+                    l,
+                    proxy.clone(),
+                    sampler,
+                )));
+            }
+            Err(e) => {
+                eprintln!("synapse-edge: cannot listen for metrics on {addr}: {e}");
+                running.request_stop();
+                running.wait().await;
+                return ExitCode::from(2);
+            }
+        }
+    }
     let health = tokio::spawn(crate::proxy::health_loop(proxy.clone()));
     let reloads = sources.map(|s| tokio::spawn(reload_on_sighup(proxy.clone(), s, certs.clone())));
     let cert_watch = certs.map(|c| tokio::spawn(crate::tls::watch(c, watch_every)));
@@ -481,7 +518,7 @@ async fn serve_until_stopped(
     running.request_stop();
     running.wait().await;
     health.abort();
-    for task in reloads.into_iter().chain(cert_watch) {
+    for task in reloads.into_iter().chain(cert_watch).chain(background) {
         task.abort();
     }
     tracing::info!("stopped");
@@ -510,12 +547,22 @@ async fn reload_on_sighup(
         .await;
         match loaded {
             Ok(Ok(state)) => {
+                proxy
+                    .metrics()
+                    .reloads
+                    .with_label_values(&["success"])
+                    .inc();
                 let workers = state.topology.workers.len();
                 let routes = state.routes.routes().len() - 1;
                 proxy.install(state);
                 tracing::info!(workers, routes, "configuration reloaded");
             }
             Ok(Err(e)) => {
+                proxy
+                    .metrics()
+                    .reloads
+                    .with_label_values(&["failure"])
+                    .inc();
                 tracing::error!(
                     "reload refused, still serving the previous configuration: {}",
                     e.to_string().trim_end()
@@ -527,10 +574,28 @@ async fn reload_on_sighup(
 }
 
 fn run(config: &ConfigArgs, listen: &ListenArgs) -> ExitCode {
-    init_logging();
     let state = match load(config) {
         Ok(s) => s,
         Err(code) => return code,
+    };
+    init_logging(state.edge.log_format);
+    let metrics_addr = match listen.metrics {
+        Some(a) => Some(a),
+        None => match state
+            .edge
+            .metrics_listen
+            .as_deref()
+            .map(str::parse::<SocketAddr>)
+        {
+            Some(Ok(a)) => Some(a),
+            Some(Err(_)) => {
+                eprintln!(
+                    "synapse-edge: edge.yaml: `metrics_listen` is not an address\n    fix: write host:port, e.g. 127.0.0.1:9108"
+                );
+                return ExitCode::from(2);
+            }
+            None => None,
+        },
     };
     let (specs, certs) = match listener_specs(&state.edge, listen) {
         Ok(x) => x,
@@ -548,6 +613,7 @@ fn run(config: &ConfigArgs, listen: &ListenArgs) -> ExitCode {
         specs,
         Some(config.sources()),
         certs,
+        metrics_addr,
     ))
 }
 
@@ -615,6 +681,7 @@ fn listener_specs(
             specs.push(ListenerSpec {
                 addr: ListenAddr::Tcp(addr),
                 role: Arc::new(ListenerRole {
+                    name: String::new(),
                     serves: l.serve.clone(),
                     hsts,
                     redirect_https: l.redirect_https,
@@ -641,8 +708,8 @@ fn listener_specs(
     Ok((specs, certs))
 }
 
-fn demo(listen: SocketAddr) -> ExitCode {
-    init_logging();
+fn demo(listen: SocketAddr, metrics: SocketAddr) -> ExitCode {
+    init_logging(LogFormat::Text);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -687,6 +754,7 @@ fn demo(listen: SocketAddr) -> ExitCode {
             "synapse-edge demo: stand-in workers for the guide's topology in {}\n\
              Synapse config: {}/homeserver.yaml and {}/workers\n\
              Try (each answer names its worker):\n  {}\n\
+             Metrics: http://{metrics}/metrics   status page: http://{metrics}/status\n\
              Ctrl-C stops the demo and removes the folder.\n",
             dir.path().display(),
             dir.path().display(),
@@ -698,6 +766,7 @@ fn demo(listen: SocketAddr) -> ExitCode {
             vec![ListenerSpec::plain(ListenAddr::Tcp(listen))],
             None,
             None,
+            Some(metrics),
         )
         .await
     })

@@ -46,6 +46,8 @@ impl Traffic {
 /// What one listener is for.
 #[derive(Debug, Clone)]
 pub struct ListenerRole {
+    /// The bound address, as metrics label it.
+    pub name: String,
     pub serves: Vec<Traffic>,
     /// `Strict-Transport-Security` value to add to answers, if any.
     pub hsts: Option<HeaderValue>,
@@ -59,6 +61,7 @@ pub struct ListenerRole {
 impl Default for ListenerRole {
     fn default() -> Self {
         ListenerRole {
+            name: String::new(),
             serves: Traffic::ALL.to_vec(),
             hsts: None,
             redirect_https: false,

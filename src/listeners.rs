@@ -7,8 +7,8 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use prometheus::IntGauge;
 use tokio_rustls::TlsAcceptor;
 
 use crate::front::ListenerRole;
@@ -87,9 +88,14 @@ impl Bound {
                 BoundSocket::Unix(UnixListener::bind(p)?, p.clone())
             }
         };
+        let mut role = (*spec.role).clone();
+        role.name = match &socket {
+            BoundSocket::Tcp(l) => l.local_addr()?.to_string(),
+            BoundSocket::Unix(_, p) => format!("unix:{}", p.display()),
+        };
         Ok(Bound {
             socket,
-            role: spec.role.clone(),
+            role: Arc::new(role),
             tls: spec.tls.clone().map(TlsAcceptor::from),
         })
     }
@@ -280,6 +286,7 @@ async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: Conn
         }
         Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
+                ctx.proxy.metrics().tls_handshakes.inc();
                 let client = ClientConn {
                     peer,
                     scheme: "https",
@@ -287,8 +294,14 @@ async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: Conn
                 };
                 serve_conn(tls, client, ctx).await;
             }
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            Ok(Err(e)) => {
+                ctx.proxy.metrics().tls_handshake_errors.inc();
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                ctx.proxy.metrics().tls_handshake_errors.inc();
+                tracing::debug!(%peer, "TLS handshake timed out");
+            }
         },
     }
 }
@@ -314,10 +327,32 @@ where
         in_flight: AtomicUsize::new(0),
         last_done_ms: AtomicU64::new(0),
     });
+    // Counted as open once its protocol is known (at its first request).
+    let open: Arc<OnceLock<IntGauge>> = Arc::new(OnceLock::new());
     let svc = {
         let activity = activity.clone();
         let proxy = ctx.proxy.clone();
-        service_fn(move |req| {
+        let open = open.clone();
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            open.get_or_init(|| {
+                let protocol = if req.version() == http::Version::HTTP_2 {
+                    "h2"
+                } else {
+                    "h1"
+                };
+                let tls = if client.scheme == "https" {
+                    "true"
+                } else {
+                    "false"
+                };
+                let g = proxy.metrics().client_connections.with_label_values(&[
+                    &client.role.name,
+                    protocol,
+                    tls,
+                ]);
+                g.inc();
+                g
+            });
             let guard = activity.begin();
             let proxy = proxy.clone();
             let client = client.clone();
@@ -352,6 +387,9 @@ where
                 closing = true;
             }
         }
+    }
+    if let Some(g) = open.get() {
+        g.dec();
     }
 }
 

@@ -15,15 +15,20 @@ use http::header::{
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use prometheus::IntGauge;
 use smallvec::SmallVec;
+use tokio::time::Instant;
 
 use crate::balancing::Health;
-use crate::body::{BodyProgress, RequestBody, ResponseBody, Unsent};
+use crate::body::{BodyProgress, RequestBody, ResponseBody, Tap, Unsent};
 use crate::config::Timeouts;
 use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
+use crate::metrics::{Metrics, method_label, status_class};
+use crate::routes::Route;
 use crate::state::{EdgeState, RequestView};
 use crate::topology::WorkerId;
+use crate::topology::WorkerPool;
 use crate::upstream::{Clients, UpstreamError, Upstreams};
 
 /// The default body limit, Synapse's default `max_upload_size`.
@@ -61,6 +66,7 @@ impl Snapshot {
 pub struct Proxy {
     current: ArcSwap<Snapshot>,
     clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
 }
 
 /// Facts about the client connection a request arrived on.
@@ -82,14 +88,18 @@ enum AttemptError {
 
 impl Proxy {
     pub fn new(state: EdgeState) -> Proxy {
+        let metrics = Arc::new(Metrics::new());
+        metrics.loaded(&state.routes.synapse_version);
         let clients = Arc::new(Clients::new(
             state.edge.timeouts.connect,
             &state.edge.upstream,
+            metrics.clone(),
         ));
         let health = HealthTable::new(&state.topology);
         Proxy {
             current: ArcSwap::from_pointee(Snapshot::build(state, clients.clone(), health)),
             clients,
+            metrics,
         }
     }
 
@@ -104,6 +114,7 @@ impl Proxy {
     pub fn install(&self, state: EdgeState) {
         let old = self.current.load();
         let health = HealthTable::carried_over(&state.topology, &old.health, &old.state.topology);
+        self.metrics.loaded(&state.routes.synapse_version);
         self.current.store(Arc::new(Snapshot::build(
             state,
             self.clients.clone(),
@@ -111,20 +122,193 @@ impl Proxy {
         )));
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Serves one request. Never fails: every problem becomes a response.
+    /// Counts it, and taps its body for the byte count and access log.
     pub async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Response<ResponseBody> {
+        let start = Instant::now();
         let snap = self.current.load_full();
-        let mut resp = snap.handle(req, &conn).await;
+        let m = &*self.metrics;
+        let method = req.method().clone();
+        let edge = &snap.state.edge;
+        let access = edge
+            .access_log
+            .then(|| AccessLine::of(&req, edge.log_format == crate::config::LogFormat::Json));
+        let mut served = Served::default();
+        let mut resp = snap.handle(req, &conn, &mut served, m).await;
         if let Some(hsts) = &conn.role.hsts {
             resp.headers_mut()
                 .insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
-        resp
+        let route = served.route.map_or("none", |r| r.name.as_str());
+        let pool = served.pool.map_or("none", |p| p.name.as_str());
+        let worker = served
+            .worker
+            .map_or("none", |w| snap.state.topology.worker(w).name.as_str());
+        let status = resp.status().as_u16();
+        m.requests
+            .with_label_values(&[
+                route,
+                pool,
+                worker,
+                method_label(&method),
+                status_class(status),
+            ])
+            .inc();
+        m.request_duration
+            .with_label_values(&[route])
+            .observe(start.elapsed().as_secs_f64());
+        if served.worker.is_some() {
+            m.picks.with_label_values(&[worker]).inc();
+        }
+        let on_end = access.map(|line| {
+            let done = AccessDone {
+                client: served.client.unwrap_or(conn.peer),
+                status,
+                route: route.to_string(),
+                worker: worker.to_string(),
+                upstream: served.upstream,
+                start,
+            };
+            Box::new(move |bytes| line.emit(done, bytes)) as Box<dyn FnOnce(u64) + Send>
+        });
+        let counter = m.response_body_bytes.with_label_values(&[pool]);
+        resp.map(|b| b.tapped(Tap::new(Some(counter), on_end)))
     }
 }
 
+/// What serving a request involved, for metrics and the access log.
+#[derive(Default)]
+struct Served<'s> {
+    route: Option<&'s Route>,
+    pool: Option<&'s WorkerPool>,
+    worker: Option<WorkerId>,
+    client: Option<IpAddr>,
+    upstream: Option<Duration>,
+}
+
+/// Decrements an in-flight gauge when the request is answered.
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn new(g: IntGauge) -> InFlight {
+        g.inc();
+        InFlight(g)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The request half of an access log line.
+struct AccessLine {
+    json: bool,
+    method: Method,
+    target: String,
+    version: http::Version,
+    user_agent: String,
+}
+
+/// The response half.
+struct AccessDone {
+    client: IpAddr,
+    status: u16,
+    route: String,
+    worker: String,
+    upstream: Option<Duration>,
+    start: Instant,
+}
+
+impl AccessLine {
+    fn of(req: &Request<Incoming>, json: bool) -> AccessLine {
+        let target = req.uri().path_and_query().map_or("-", |pq| pq.as_str());
+        AccessLine {
+            json,
+            method: req.method().clone(),
+            target: redact_query(target),
+            version: req.version(),
+            user_agent: req
+                .headers()
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string(),
+        }
+    }
+
+    /// One line per request, when its body is done: combined-like text with
+    /// the routing facts as fields (or all fields, with `log_format: json`).
+    fn emit(self, done: AccessDone, bytes: u64) {
+        let duration_ms = done.start.elapsed().as_secs_f64() * 1000.0;
+        let upstream_ms = done.upstream.map(|d| d.as_secs_f64() * 1000.0);
+        let upstream_ms = upstream_ms.map_or("-".to_string(), |u| format!("{u:.1}"));
+        if !self.json {
+            // Combined-like; the routing facts follow as fields.
+            tracing::info!(
+                target: "synapse_edge::access",
+                duration_ms = format_args!("{duration_ms:.1}"),
+                route = %done.route,
+                worker = %done.worker,
+                upstream_ms = %upstream_ms,
+                "{} \"{} {} {:?}\" {} {} \"{}\"",
+                done.client,
+                self.method,
+                self.target,
+                self.version,
+                done.status,
+                bytes,
+                self.user_agent
+            );
+            return;
+        }
+        tracing::info!(
+            target: "synapse_edge::access",
+            client = %done.client,
+            method = %self.method,
+            path = %self.target,
+            status = done.status,
+            bytes,
+            duration_ms = format_args!("{duration_ms:.1}"),
+            route = %done.route,
+            worker = %done.worker,
+            upstream_ms = %upstream_ms,
+            user_agent = %self.user_agent,
+            "access"
+        );
+    }
+}
+
+/// The request target with the value of `access_token` replaced, so no
+/// token reaches a log.
+pub fn redact_query(target: &str) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_string();
+    };
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k == "access_token" => format!("{k}=<redacted>"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", parts.join("&"))
+}
+
 impl Snapshot {
-    async fn handle(&self, req: Request<Incoming>, conn: &ClientConn) -> Response<ResponseBody> {
+    async fn handle<'s>(
+        &'s self,
+        req: Request<Incoming>,
+        conn: &ClientConn,
+        served: &mut Served<'s>,
+        m: &Metrics,
+    ) -> Response<ResponseBody> {
+        let reject = |reason: &str| m.rejected.with_label_values(&[reason]).inc();
         let (mut parts, body) = req.into_parts();
         let Some(pq) = parts
             .uri
@@ -132,6 +316,7 @@ impl Snapshot {
             .cloned()
             .filter(|pq| pq.path().starts_with('/'))
         else {
+            reject("bad_request");
             return matrix_error(
                 StatusCode::BAD_REQUEST,
                 "M_UNRECOGNIZED",
@@ -150,6 +335,7 @@ impl Snapshot {
         if let Some(kind) = Traffic::of(pq.path())
             && !role.serves.contains(&kind)
         {
+            reject("not_served_here");
             return matrix_error(
                 StatusCode::NOT_FOUND,
                 "M_UNRECOGNIZED",
@@ -157,7 +343,9 @@ impl Snapshot {
             );
         }
         let client = front::client_address(conn.peer, &parts.headers, &edge.trusted_proxies);
+        served.client = Some(client);
         if let Some(r) = edge.admin.check(pq.path(), client) {
+            reject("admin_guard");
             tracing::info!(%client, path = pq.path(), "admin API refused");
             return r;
         }
@@ -167,6 +355,7 @@ impl Snapshot {
                 limit = self.max_body,
                 "request body too large (Content-Length)"
             );
+            reject("too_large");
             return too_large(self.max_body);
         }
         let state = &self.state;
@@ -178,11 +367,16 @@ impl Snapshot {
             client,
         };
         let routed = state.route(&view);
-        let route = routed.route;
+        // Keep only what outlives the borrowed request view.
+        let (route, pool, key_hash) = (routed.route, routed.pool, routed.key_hash);
+        served.route = Some(route);
+        served.pool = Some(pool);
+        let _in_flight = InFlight::new(m.in_flight.with_label_values(&[&pool.name]));
+        let preferred = state.candidates(pool, key_hash).first().copied();
         // The key's live workers in its preference order, then main when
         // main may serve the route.
         let mut order: SmallVec<[WorkerId; 8]> = state
-            .candidates(routed.pool, routed.key_hash)
+            .candidates(pool, key_hash)
             .into_iter()
             .filter(|&w| health.is_up(w))
             .collect();
@@ -193,7 +387,8 @@ impl Snapshot {
             order.push(WorkerId::MAIN);
         }
         if order.is_empty() {
-            tracing::warn!(route = %route.name, pool = %routed.pool.name, "no live worker may serve this route");
+            reject("no_live_worker");
+            tracing::warn!(route = %route.name, pool = %pool.name, "no live worker may serve this route");
             let mut resp = matrix_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "M_UNKNOWN",
@@ -224,6 +419,7 @@ impl Snapshot {
         );
 
         let progress = BodyProgress::new();
+        let body_bytes = m.request_body_bytes.with_label_values(&[&pool.name]);
         let mut body = Some(body);
         let mut last_error = None;
         for (i, &worker) in order.iter().enumerate() {
@@ -237,7 +433,35 @@ impl Snapshot {
             };
             let worker_name = &state.topology.worker(worker).name;
             let last = i + 1 == order.len();
-            let mut req = Request::new(RequestBody::new(unsent, self.max_body, progress.clone()));
+            served.worker = Some(worker);
+            if i > 0 {
+                m.retries
+                    .with_label_values(&[
+                        if last_error.as_ref().is_some_and(UpstreamError::nothing_sent) {
+                            "connect_failed"
+                        } else {
+                            "failed_after_send"
+                        },
+                    ])
+                    .inc();
+            }
+            if Some(worker) != preferred {
+                let reason = if worker == WorkerId::MAIN && !pool.members.contains(&worker) {
+                    "fallback_to_main"
+                } else if i == 0 {
+                    "preferred_worker_down"
+                } else {
+                    "retry"
+                };
+                m.failovers.with_label_values(&[reason]).inc();
+            }
+            let sent_at = Instant::now();
+            let mut req = Request::new(RequestBody::new(
+                unsent,
+                self.max_body,
+                progress.clone(),
+                Some(body_bytes.clone()),
+            ));
             *req.method_mut() = method.clone();
             *req.headers_mut() = if last {
                 std::mem::take(&mut headers)
@@ -249,11 +473,13 @@ impl Snapshot {
                 .await
             {
                 Ok(resp) => {
+                    served.upstream = Some(sent_at.elapsed());
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
-                    return Response::from_parts(parts, ResponseBody::Upstream(body));
+                    return Response::from_parts(parts, ResponseBody::upstream(body));
                 }
                 Err(AttemptError::TimedOut) => {
+                    m.upstream_timeouts.with_label_values(&[worker_name]).inc();
                     tracing::warn!(route = %route.name, worker = %worker_name, path = pq.path(), timeout = ?timeout, "worker did not answer in time");
                     return matrix_error(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -262,12 +488,12 @@ impl Snapshot {
                     );
                 }
                 Err(AttemptError::Upstream(_)) if progress.exceeded() => {
+                    reject("too_large");
                     tracing::info!(route = %route.name, worker = %worker_name, limit = self.max_body, "request body too large (streamed)");
                     return too_large(self.max_body);
                 }
                 Err(AttemptError::Upstream(e)) => {
-                    let nothing_sent =
-                        matches!(e, UpstreamError::Connect(_) | UpstreamError::BadTarget);
+                    let nothing_sent = e.nothing_sent();
                     if nothing_sent && health.mark_down(worker).is_some() {
                         tracing::warn!(worker = %worker_name, cause = %e, "worker unreachable: taken out until its health checks pass");
                     }
@@ -408,7 +634,7 @@ pub fn route_timeout(timeouts: &Timeouts, long_poll: bool) -> Duration {
 impl Snapshot {
     /// Checks every routed worker once (`GET /health`, concurrently) and
     /// records the results; logs each change of state once.
-    pub async fn check_health(&self) {
+    pub async fn check_health(&self, m: &Metrics) {
         let settings = &self.state.edge.health;
         let checks = self.state.topology.workers.iter().enumerate().filter(|(_, w)| w.inbound.is_some()).map(
             |(i, w)| async move {
@@ -417,14 +643,23 @@ impl Snapshot {
                 let ok = match req {
                     Ok(req) => {
                         let pq = PathAndQuery::from_static("/health");
-                        match tokio::time::timeout(settings.timeout, self.upstreams.send(id, pq, req)).await {
+                        let started = Instant::now();
+                        let ok = match tokio::time::timeout(settings.timeout, self.upstreams.send(id, pq, req)).await {
                             Ok(Ok(resp)) => resp.status().is_success(),
                             _ => false,
-                        }
+                        };
+                        m.health_check_duration
+                            .with_label_values(&[&w.name])
+                            .observe(started.elapsed().as_secs_f64());
+                        ok
                     }
                     Err(_) => false,
                 };
-                match self.health.observe(id, ok, settings) {
+                let transition = self.health.observe(id, ok, settings);
+                m.worker_up
+                    .with_label_values(&[&w.name])
+                    .set(i64::from(self.health.is_up(id)));
+                match transition {
                     Some(Transition::Down) => tracing::warn!(worker = %w.name, "worker down: failed its health checks; its keys move to their next workers"),
                     Some(Transition::Up) => tracing::info!(worker = %w.name, "worker up: passed its health checks; its keys return"),
                     None => {}
@@ -440,7 +675,7 @@ pub async fn health_loop(proxy: Arc<Proxy>) {
     loop {
         let snap = proxy.snapshot();
         let interval = snap.state.edge.health.interval;
-        snap.check_health().await;
+        snap.check_health(&proxy.metrics).await;
         drop(snap);
         tokio::time::sleep(interval).await;
     }

@@ -2,10 +2,13 @@
 //! TCP, with keep-alive pools per worker, so steady traffic opens no new
 //! connections.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +22,7 @@ use hyperlocal::UnixConnector;
 
 use crate::body::RequestBody;
 use crate::config::{Endpoint, UpstreamPool};
+use crate::metrics::Metrics;
 use crate::topology::{Topology, WorkerId};
 
 /// A Unix-socket connector that gives up after the connect timeout.
@@ -97,15 +101,71 @@ pub enum UpstreamError {
     Failed(String),
 }
 
+impl UpstreamError {
+    /// Whether the worker surely received nothing of the request.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_) | UpstreamError::BadTarget)
+    }
+}
+
+/// Counts connections opened to each worker (and failed connects), naming
+/// the worker from the connection's authority.
+#[derive(Clone)]
+pub struct Counting<C> {
+    inner: C,
+    names: Arc<ArcSwap<HashMap<Authority, String>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl<C> tower::Service<Uri> for Counting<C>
+where
+    C: tower::Service<Uri> + Send + 'static,
+    C::Future: Send + 'static,
+    C::Response: Send + 'static,
+    C::Error: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, C::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let worker = uri
+            .authority()
+            .and_then(|a| self.names.load().get(a).cloned())
+            .unwrap_or_else(|| "unknown".to_string());
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(uri);
+        Box::pin(async move {
+            let r = fut.await;
+            match &r {
+                Ok(_) => metrics
+                    .upstream_connections
+                    .with_label_values(&[&worker])
+                    .inc(),
+                Err(_) => metrics
+                    .upstream_connect_errors
+                    .with_label_values(&[&worker])
+                    .inc(),
+            }
+            r
+        })
+    }
+}
+
 /// The pooled HTTP clients, shared by every topology a reload installs, so
 /// idle connections to workers survive reloads.
 pub struct Clients {
-    unix: Client<UnixConnect, RequestBody>,
-    tcp: Client<HttpConnector, RequestBody>,
+    unix: Client<Counting<UnixConnect>, RequestBody>,
+    tcp: Client<Counting<HttpConnector>, RequestBody>,
+    names: Arc<ArcSwap<HashMap<Authority, String>>>,
 }
 
 impl Clients {
-    pub fn new(connect_timeout: Duration, pool: &UpstreamPool) -> Clients {
+    pub fn new(connect_timeout: Duration, pool: &UpstreamPool, metrics: Arc<Metrics>) -> Clients {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -117,11 +177,22 @@ impl Clients {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
+        let names = Arc::new(ArcSwap::from_pointee(HashMap::new()));
+        let counting = |inner| Counting {
+            inner,
+            names: names.clone(),
+            metrics: metrics.clone(),
+        };
         Clients {
-            unix: builder.build(UnixConnect {
+            unix: builder.build(counting(UnixConnect {
                 timeout: connect_timeout,
+            })),
+            tcp: builder.build(Counting {
+                inner: http,
+                names: names.clone(),
+                metrics: metrics.clone(),
             }),
-            tcp: builder.build(http),
+            names,
         }
     }
 }
@@ -135,14 +206,20 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn new(topology: &Topology, clients: Arc<Clients>) -> Upstreams {
-        Upstreams {
-            clients,
-            targets: topology
-                .workers
-                .iter()
-                .map(|w| w.inbound.as_ref().and_then(Target::of))
-                .collect(),
+        let targets: Vec<Option<Target>> = topology
+            .workers
+            .iter()
+            .map(|w| w.inbound.as_ref().and_then(Target::of))
+            .collect();
+        // Connections are named after the workers of the newest topology.
+        let mut names = (**clients.names.load()).clone();
+        for (w, t) in topology.workers.iter().zip(&targets) {
+            if let Some(t) = t {
+                names.insert(t.authority.clone(), w.name.clone());
+            }
         }
+        clients.names.store(Arc::new(names));
+        Upstreams { clients, targets }
     }
 
     /// Sends a request (its URI only needs the path and query) to a worker.

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::error::ConfigError;
 
 /// The edge configuration as written by the operator.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
     /// Name-pattern pools: pool name to worker-name patterns (`*` wildcard).
@@ -46,12 +46,30 @@ pub struct EdgeConfig {
     pub well_known: crate::front::WellKnown,
     #[serde(default)]
     pub admin: crate::front::AdminGuard,
+    /// One log line per request (target `synapse_edge::access`).
+    #[serde(default = "yes")]
+    pub access_log: bool,
+    /// `text` (default) or `json` log lines; read at start-up.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Where `/metrics` and the status page are served (off the public
+    /// listeners); `--metrics` replaces it.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// Peers whose X-Forwarded-For is believed (load balancers in front).
     #[serde(default)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Where this config came from (for error messages).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        // The defaults of an empty file.
+        serde_yaml_ng::from_str("{}")
+            .unwrap_or_else(|_| unreachable!("an empty edge config is valid"))
+    }
 }
 
 impl EdgeConfig {
@@ -64,7 +82,7 @@ impl EdgeConfig {
                 "check the --config path",
             )
         })?;
-        let mut cfg: EdgeConfig = if text.trim().is_empty() {
+        let mut cfg: EdgeConfig = if text.trim().is_empty() || text.trim() == "{}" {
             EdgeConfig::default()
         } else {
             serde_yaml_ng::from_str(&text).map_err(|e| {
@@ -139,6 +157,19 @@ impl EdgeConfig {
         }
         Ok(())
     }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// One listener (`listeners:` in edge.yaml).

@@ -6,7 +6,9 @@ mod edge;
 mod error;
 mod synapse;
 
-pub use edge::{ByteSize, EdgeConfig, Limits, ListenerConfig, Timeouts, TlsConfig, UpstreamPool};
+pub use edge::{
+    ByteSize, EdgeConfig, Limits, ListenerConfig, LogFormat, Timeouts, TlsConfig, UpstreamPool,
+};
 pub(crate) use error::Problems;
 pub use error::{ConfigError, ConfigErrors};
 pub use synapse::{Endpoint, Listener, MAIN, Stream, SynapseConfig, WorkerFile};
