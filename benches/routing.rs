@@ -1,13 +1,33 @@
 //! Route lookup + sticky key extraction + worker choice for a realistic
 //! request mix on the guide's topology with the full built-in route table.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use synapse_edge::balancing::AllUp;
 use synapse_edge::state::{EdgeState, RequestView, Sources};
+
+/// Counts heap allocations, to show the decision path makes none.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn guide() -> EdgeState {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/guide");
@@ -93,6 +113,22 @@ fn bench(c: &mut Criterion) {
     let state = guide();
     let reqs = mix();
     let client = "203.0.113.1".parse().expect("addr");
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for (m, t, h) in &reqs {
+        let req = RequestView {
+            method: m,
+            target: t,
+            headers: h,
+            client,
+        };
+        black_box(state.decide(black_box(&req), &AllUp).worker);
+    }
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    println!(
+        "heap allocations while deciding {} requests: {allocations} ({:.3} per request)",
+        reqs.len(),
+        allocations as f64 / reqs.len() as f64
+    );
     let mut g = c.benchmark_group("decide");
     g.throughput(Throughput::Elements(reqs.len() as u64));
     g.bench_function("request_mix", |b| {

@@ -15,7 +15,7 @@ use crate::balancing::AllUp;
 use crate::config::Endpoint;
 use crate::config::{EdgeConfig, LogFormat};
 use crate::front::ListenerRole;
-use crate::listeners::{ListenAddr, ListenerSpec, Running, ServerSettings};
+use crate::listeners::{ListenAddr, ListenerSpec, ServerSettings, Threaded};
 use crate::proxy::Proxy;
 use crate::state::{EdgeState, RequestView, Sources};
 use crate::tls::{CertSpec, CertStore};
@@ -48,6 +48,10 @@ pub enum Command {
         /// Where /metrics and the status page are served.
         #[arg(long, default_value = "127.0.0.1:9108")]
         metrics: SocketAddr,
+        /// Only write the demo's Synapse config into this folder and exit
+        /// (the load benchmark puts its own workers on those sockets).
+        #[arg(long, value_name = "DIR", hide = true)]
+        write_config: Option<PathBuf>,
     },
     /// Load the configuration and show workers, pools and warnings.
     Check {
@@ -56,6 +60,16 @@ pub enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Run one stand-in worker on a Unix socket (for benchmarks and tests).
+    #[command(hide = true)]
+    Standin {
+        /// The worker name it reports.
+        #[arg(long)]
+        name: String,
+        /// The Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
     },
     /// Explain where one request would go.
     Route {
@@ -100,6 +114,9 @@ pub struct ListenArgs {
     /// `metrics_listen`).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Serving threads (replaces edge.yaml's `threads`; default: CPUs).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// Where the configuration comes from; shared by every command.
@@ -131,7 +148,23 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, listen } => run(&config, &listen),
-        Command::Demo { listen, metrics } => demo(listen, metrics),
+        Command::Demo {
+            write_config: Some(dir),
+            ..
+        } => match crate::demo::write_config(&dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "synapse-edge: cannot write the demo config into {}: {e}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo {
+            listen, metrics, ..
+        } => demo(listen, metrics),
+        Command::Standin { name, socket } => standin(&name, &socket),
         Command::Check { config, json } => check(&config, json),
         Command::Route {
             config,
@@ -401,7 +434,7 @@ fn route(
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -413,8 +446,10 @@ fn init_logging(format: LogFormat) {
     };
 }
 
+/// The runtime for signals, health checks, reloads and the metrics
+/// listener; requests are served by `listeners::Threaded`'s own threads.
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| {
@@ -471,6 +506,7 @@ async fn serve_until_stopped(
     sources: Option<crate::state::Sources>,
     certs: Option<Arc<CertStore>>,
     metrics: Option<SocketAddr>,
+    threads: Option<usize>,
 ) -> ExitCode {
     let settings = ServerSettings::from_config(&state.edge);
     let watch_every = state
@@ -479,7 +515,9 @@ async fn serve_until_stopped(
         .as_ref()
         .map_or(std::time::Duration::from_secs(10), |t| t.watch_interval);
     let proxy = Arc::new(Proxy::new(state));
-    let mut running = match Running::start(proxy.clone(), &specs, settings).await {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let running = match Threaded::start(proxy.clone(), &specs, settings, threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("synapse-edge: {e}");
@@ -505,8 +543,7 @@ async fn serve_until_stopped(
             }
             Err(e) => {
                 eprintln!("synapse-edge: cannot listen for metrics on {addr}: {e}");
-                running.request_stop();
-                running.wait().await;
+                running.stop().await;
                 return ExitCode::from(2);
             }
         }
@@ -515,8 +552,7 @@ async fn serve_until_stopped(
     let reloads = sources.map(|s| tokio::spawn(reload_on_sighup(proxy.clone(), s, certs.clone())));
     let cert_watch = certs.map(|c| tokio::spawn(crate::tls::watch(c, watch_every)));
     stop_signal().await;
-    running.request_stop();
-    running.wait().await;
+    running.stop().await;
     health.abort();
     for task in reloads.into_iter().chain(cert_watch).chain(background) {
         task.abort();
@@ -579,6 +615,7 @@ fn run(config: &ConfigArgs, listen: &ListenArgs) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(state.edge.log_format);
+    let state_threads = state.edge.threads;
     let metrics_addr = match listen.metrics {
         Some(a) => Some(a),
         None => match state
@@ -614,6 +651,7 @@ fn run(config: &ConfigArgs, listen: &ListenArgs) -> ExitCode {
         Some(config.sources()),
         certs,
         metrics_addr,
+        listen.threads.or(state_threads),
     ))
 }
 
@@ -767,7 +805,26 @@ fn demo(listen: SocketAddr, metrics: SocketAddr) -> ExitCode {
             None,
             None,
             Some(metrics),
+            None,
         )
         .await
+    })
+}
+
+fn standin(name: &str, socket: &std::path::Path) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let _worker = match crate::standin::StandIn::start_unix(name, socket) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("synapse-edge: cannot listen on {}: {e}", socket.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        stop_signal().await;
+        ExitCode::SUCCESS
     })
 }

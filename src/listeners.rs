@@ -75,6 +75,59 @@ pub struct Bound {
 }
 
 impl Bound {
+    /// Binds `copies` sockets for one TCP listener with SO_REUSEPORT, so
+    /// that each serving thread accepts on its own (as Nginx workers do);
+    /// a Unix listener is bound once. Call outside any runtime is fine:
+    /// the sockets are turned into tokio ones by the thread that serves them.
+    pub fn bind_std(spec: &ListenerSpec, copies: usize) -> io::Result<Vec<StdBound>> {
+        let role = |name: String| {
+            let mut role = (*spec.role).clone();
+            role.name = name;
+            Arc::new(role)
+        };
+        match &spec.addr {
+            ListenAddr::Tcp(addr) => {
+                let mut out: Vec<StdBound> = Vec::new();
+                let mut addr = *addr;
+                for _ in 0..copies.max(1) {
+                    let sock = socket2::Socket::new(
+                        socket2::Domain::for_address(addr),
+                        socket2::Type::STREAM,
+                        Some(socket2::Protocol::TCP),
+                    )?;
+                    sock.set_reuse_address(true)?;
+                    sock.set_reuse_port(true)?;
+                    sock.set_nonblocking(true)?;
+                    sock.bind(&addr.into())?;
+                    sock.listen(1024)?;
+                    let listener: std::net::TcpListener = sock.into();
+                    // Port 0: the copies share the port the first one got.
+                    addr = listener.local_addr()?;
+                    out.push(StdBound {
+                        socket: StdSocket::Tcp(listener),
+                        role: role(addr.to_string()),
+                        tls: spec.tls.clone(),
+                    });
+                }
+                Ok(out)
+            }
+            ListenAddr::Unix(p) => {
+                if std::fs::symlink_metadata(p).is_ok()
+                    && std::os::unix::net::UnixStream::connect(p).is_err()
+                {
+                    std::fs::remove_file(p)?;
+                }
+                let listener = std::os::unix::net::UnixListener::bind(p)?;
+                listener.set_nonblocking(true)?;
+                Ok(vec![StdBound {
+                    socket: StdSocket::Unix(listener, p.clone()),
+                    role: role(format!("unix:{}", p.display())),
+                    tls: None,
+                }])
+            }
+        }
+    }
+
     pub async fn bind(spec: &ListenerSpec) -> io::Result<Bound> {
         let socket = match &spec.addr {
             ListenAddr::Tcp(a) => BoundSocket::Tcp(TcpListener::bind(a).await?),
@@ -106,6 +159,126 @@ impl Bound {
             BoundSocket::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
             BoundSocket::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
         }
+    }
+}
+
+/// A listener bound outside a runtime, waiting for the thread that serves it.
+pub struct StdBound {
+    socket: StdSocket,
+    role: Arc<ListenerRole>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+enum StdSocket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+impl StdBound {
+    /// The address bound.
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match &self.socket {
+            StdSocket::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
+            StdSocket::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
+        }
+    }
+
+    /// Registers the socket with the current runtime.
+    fn into_tokio(self) -> io::Result<Bound> {
+        let socket = match self.socket {
+            StdSocket::Tcp(l) => BoundSocket::Tcp(TcpListener::from_std(l)?),
+            StdSocket::Unix(l, p) => BoundSocket::Unix(UnixListener::from_std(l)?, p),
+        };
+        Ok(Bound {
+            socket,
+            role: self.role,
+            tls: self.tls.map(TlsAcceptor::from),
+        })
+    }
+}
+
+/// An edge served by `threads` OS threads, each with its own single-thread
+/// runtime and its own SO_REUSEPORT copy of every TCP listener: no work
+/// stealing or cross-thread wakeups on the request path (Nginx's model).
+pub struct Threaded {
+    pub addrs: Vec<ListenAddr>,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Threaded {
+    pub fn start(
+        proxy: Arc<Proxy>,
+        specs: &[ListenerSpec],
+        settings: ServerSettings,
+        threads: usize,
+    ) -> io::Result<Threaded> {
+        let threads = threads.max(1);
+        let mut per_thread: Vec<Vec<StdBound>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
+        for spec in specs {
+            let a = &spec.addr;
+            let copies = Bound::bind_std(spec, threads)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
+            if let Some(first) = copies.first() {
+                addrs.push(first.local_addr()?);
+            }
+            for (i, b) in copies.into_iter().enumerate() {
+                per_thread[i].push(b);
+            }
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        for (i, bound) in per_thread.into_iter().enumerate() {
+            let proxy = proxy.clone();
+            let settings = settings.clone();
+            let mut stop_rx = stop_rx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("edge-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a serving thread");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let mut listeners = Vec::new();
+                        for b in bound {
+                            match b.into_tokio() {
+                                Ok(l) => listeners.push(l),
+                                Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+                            }
+                        }
+                        serve(listeners, proxy, settings, async move {
+                            let _ = stop_rx.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    });
+                })?;
+            handles.push(handle);
+        }
+        Ok(Threaded {
+            addrs,
+            stop,
+            threads: handles,
+        })
+    }
+
+    /// Stops accepting, drains every thread, waits for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 

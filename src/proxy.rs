@@ -388,7 +388,8 @@ impl Snapshot {
         }
         if order.is_empty() {
             reject("no_live_worker");
-            tracing::warn!(route = %route.name, pool = %pool.name, "no live worker may serve this route");
+            // Per request, so debug: the health transition was logged once.
+            tracing::debug!(route = %route.name, pool = %pool.name, "no live worker may serve this route");
             let mut resp = matrix_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "M_UNKNOWN",
@@ -578,6 +579,17 @@ pub fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response<
 /// Hop-by-hop headers concern one connection, not the request: the ones
 /// RFC 9110 names, `Proxy-*`, and any that `Connection` lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none: look once before removing anything.
+    let any = headers.keys().any(|k| {
+        let n = k.as_str();
+        matches!(
+            n,
+            "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+        ) || n.starts_with("proxy-")
+    });
+    if !any {
+        return;
+    }
     let listed: SmallVec<[HeaderName; 4]> = headers
         .get_all(CONNECTION)
         .iter()
@@ -639,7 +651,11 @@ impl Snapshot {
         let checks = self.state.topology.workers.iter().enumerate().filter(|(_, w)| w.inbound.is_some()).map(
             |(i, w)| async move {
                 let id = WorkerId(i as u32);
-                let req = Request::get("/health").body(RequestBody::empty());
+                // Host as `curl --unix-socket` sends it: HTTP/1.1 servers
+                // in front of Synapse may insist on one.
+                let req = Request::get("/health")
+                    .header(HOST, "localhost")
+                    .body(RequestBody::empty());
                 let ok = match req {
                     Ok(req) => {
                         let pq = PathAndQuery::from_static("/health");

@@ -43,7 +43,21 @@ impl tower::Service<Uri> for UnixConnect {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let timeout = self.timeout;
         Box::pin(async move {
-            let connect = tower::Service::call(&mut UnixConnector, uri);
+            // A full listen backlog answers a non-blocking connect with
+            // EAGAIN: the worker is busy, not gone. Try again (as a
+            // blocking connect would wait) until the connect timeout.
+            let connect = async {
+                let mut pause = Duration::from_millis(1);
+                loop {
+                    match tower::Service::call(&mut UnixConnector, uri.clone()).await {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(50));
+                        }
+                        r => return r,
+                    }
+                }
+            };
             match tokio::time::timeout(timeout, connect).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),

@@ -46,6 +46,10 @@ pub struct EdgeConfig {
     pub well_known: crate::front::WellKnown,
     #[serde(default)]
     pub admin: crate::front::AdminGuard,
+    /// Serving threads (each with its own event loop and SO_REUSEPORT
+    /// sockets, as Nginx workers); default: the number of CPUs.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// One log line per request (target `synapse_edge::access`).
     #[serde(default = "yes")]
     pub access_log: bool,

@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""Load benchmark: synapse-edge against Nginx on the same stand-in workers.
+
+Workers are an Nginx instance answering a small JSON body with an X-Worker
+header on each worker's Unix socket (and on TCP, for the no-proxy
+baseline). Both proxies get the same topology, keep-alive to the workers
+and the same room and user hashing. wrk (on core 0) drives a Synapse-like
+mix; proxies and workers share core 1. Runs alternate A B A B.
+
+Prints a table with the ratios and writes results/latest.{json,md} and
+results/chart.png beside this file.
+"""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+EDGE = ROOT / "target" / "release" / "synapse-edge"
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+PARKED = int(os.environ.get("BENCH_PARKED", "2000"))
+ROUTED = ["main", "client_sync1", "rooms1", "rooms2", "rooms3", "rooms4", "federation_reader1", "media1"]
+PORT = {"direct": 18100, "nginx": 18101, "nginx-tls": 18102, "edge": 18103, "edge-tls": 18104, "stub": 18109}
+
+procs = []
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, capture_output=True, text=True, **kw)
+
+
+def start(cmd, log, **kw):
+    p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
+    procs.append(p)
+    return p
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def wait_answers(port, timeout=20):
+    """Until the proxy answers 200 for a request to each kind of worker."""
+    paths = ["/_matrix/client/v3/rooms/%21a%3Ab/messages", "/_matrix/client/versions",
+             "/_matrix/client/v1/media/download/a/b", "/_matrix/client/v3/sync?since=x&access_token=syt_cGFyaw_x_y"]
+    end = time.time() + timeout
+    while time.time() < end:
+        ok = 0
+        for p in paths:
+            try:
+                with socket.create_connection(("127.0.0.1", port), 1) as s:
+                    s.sendall(f"GET {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                    ok += s.recv(64).startswith(b"HTTP/1.1 200")
+            except OSError:
+                pass
+        if ok == len(paths):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"the proxy on {port} does not answer 200")
+
+
+def children(pid):
+    out = [pid]
+    try:
+        for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += children(int(c))
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pids):
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / tick
+
+
+def status_kib(pids, field):
+    total = 0
+    for p in pids:
+        try:
+            m = re.search(rf"^{field}:\s+(\d+)", Path(f"/proc/{p}/status").read_text(), re.M)
+            total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total
+
+
+def reset_peak(pids):
+    for p in pids:
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def accepts():
+    """Connections the workers accepted so far (Nginx stub_status)."""
+    with socket.create_connection(("127.0.0.1", PORT["stub"])) as s:
+        s.sendall(b"GET /stub HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    # "server accepts handled requests\n N N N\n"
+    return int(re.findall(rb"\n\s*(\d+) \d+ \d+", data)[0])
+
+
+def worker_nginx(run, slow_sync=False):
+    servers = []
+    for w in ROUTED:
+        if slow_sync and w == "client_sync1":
+            continue
+        servers.append(f"""  server {{ listen unix:{run}/sockets/synapse_inbound_{w}.sock; client_max_body_size 100m;
+    location = /health {{ return 200 "OK"; }}
+    location / {{ add_header X-Worker {w}; default_type application/json; return 200 '{{"worker":"{w}"}}'; }} }}""")
+    servers.append(f"""  server {{ listen 127.0.0.1:{PORT['direct']} reuseport; client_max_body_size 100m;
+    location / {{ add_header X-Worker direct; default_type application/json; return 200 '{{"worker":"direct"}}'; }} }}""")
+    servers.append(f"""  server {{ listen 127.0.0.1:{PORT['stub']}; location /stub {{ stub_status; }} }}""")
+    conf = f"""user root; worker_processes 1; daemon off; pid {run}/workers.pid; error_log {run}/workers-error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{ access_log off; keepalive_requests 100000; client_body_temp_path {run}/wtmp;
+{chr(10).join(servers)}
+}}
+"""
+    (run / "workers.conf").write_text(conf)
+    return run / "workers.conf"
+
+
+def proxy_nginx(run):
+    """Nginx configured like the edge: same pools, keep-alive, hashing."""
+    sock = lambda w: f"server unix:{run}/sockets/synapse_inbound_{w}.sock max_fails=0;"
+    conf = f"""user root; worker_processes 1; daemon off; pid {run}/proxy.pid; error_log {run}/proxy-error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  client_body_temp_path {run}/ptmp;
+  keepalive_requests 100000;
+  client_max_body_size 100m;
+  map $request_uri $room {{ "~^/_matrix/client/(?:r0|v3)/rooms/(?<r>[^/?]+)/" $r; default ""; }}
+  map $arg_access_token $user {{ "~^syt_(?<u>[^_]+)_" $u; default $arg_access_token; }}
+  upstream rooms {{ hash $room consistent; {sock('rooms1')} {sock('rooms2')} {sock('rooms3')} {sock('rooms4')} keepalive 128; }}
+  upstream sync {{ hash $user consistent; {sock('client_sync1')} keepalive 128; }}
+  upstream media {{ {sock('media1')} keepalive 128; }}
+  upstream main {{ {sock('main')} keepalive 128; }}
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_set_header Host $host;
+  proxy_set_header X-Forwarded-For $remote_addr;
+  proxy_set_header X-Forwarded-Proto $scheme;
+  proxy_read_timeout 300s;
+  server {{
+    listen 127.0.0.1:{PORT['nginx']};
+    listen 127.0.0.1:{PORT['nginx-tls']} ssl http2;
+    ssl_certificate {run}/cert.pem; ssl_certificate_key {run}/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location ~ ^/_matrix/client/(r0|v3)/rooms/[^/]+/ {{ proxy_pass http://rooms; }}
+    location ~ ^/_matrix/client/(r0|v3)/sync$ {{ proxy_pass http://sync; }}
+    location ~ ^/_matrix/(media|client/v1/media)/ {{ proxy_pass http://media; }}
+    location / {{ proxy_pass http://main; }}
+  }}
+}}
+"""
+    (run / "proxy.conf").write_text(conf)
+    return run / "proxy.conf"
+
+
+def wrk(port, tls=False, seconds=SECONDS, conns=CONNS):
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    out = sh(["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(HERE / "mix.lua"), url]).stdout
+    line = [l for l in out.splitlines() if l.startswith("{")][-1]
+    r = json.loads(line)
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+def measured(name, port, pids, tls=False):
+    a0, c0 = accepts(), cpu_seconds(pids)
+    r = wrk(port, tls)
+    r["cpu_us_per_request"] = (cpu_seconds(pids) - c0) / r["requests"] * 1e6
+    r["upstream_conns_per_10k"] = (accepts() - a0 - 1) / r["requests"] * 10000
+    if r["non2xx"] or r["errors"]:
+        print(f"  !! {name}: {r['non2xx']} non-2xx answers and {r['errors']} errors: this run does not count", flush=True)
+    print(f"  {name:10} {r['rps']:>9.0f} rps  p50 {r['p50_us']/1000:6.2f} ms  p99 {r['p99_us']/1000:6.2f} ms  "
+          f"cpu {r['cpu_us_per_request']:5.1f} us/req  non-2xx {r['non2xx']}  upstream conns/10k {r['upstream_conns_per_10k']:.2f}", flush=True)
+    return r
+
+
+async def park(port, n):
+    """Opens n long-poll /sync requests that the slow worker holds."""
+    conns = []
+    req = (b"GET /_matrix/client/v3/sync?since=parked&timeout=60000&access_token=syt_cGFyaw_x_y HTTP/1.1\r\n"
+           b"Host: bench\r\nx-standin-delay-ms: 120000\r\n\r\n")
+    for _ in range(n):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(req)
+        conns.append((r, w))
+    await asyncio.gather(*(w.drain() for _, w in conns))
+    return conns
+
+
+def connected_to(path):
+    """Open connections accepted on a Unix socket."""
+    out = sh(["ss", "-xH"]).stdout
+    return sum(1 for l in out.splitlines() if str(path) in l and "ESTAB" in l)
+
+
+def long_polls(name, port, pids, run):
+    sock = run / "sockets" / "synapse_inbound_client_sync1.sock"
+    base = status_kib(pids, "VmRSS")
+
+    async def scenario():
+        before = connected_to(sock)  # idle keep-alive connections already there
+        conns = await park(port, PARKED)
+        for _ in range(100):
+            if connected_to(sock) - before >= PARKED:
+                break
+            await asyncio.sleep(0.1)
+        parked = connected_to(sock) - before
+        rss = status_kib(pids, "VmRSS")
+        short = await asyncio.get_running_loop().run_in_executor(None, lambda: wrk(port, seconds=max(5, SECONDS // 2)))
+        # Idle keep-alive connections stay open; only the parked ones must go.
+        idle = connected_to(sock) - parked
+        for _, w in conns:
+            w.transport.abort()
+        t0 = time.time()
+        left = parked
+        while time.time() - t0 < 5:
+            left = max(0, connected_to(sock) - idle)
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
+        return parked, rss, short, left, time.time() - t0
+
+    parked, rss, short, left, gone_after = asyncio.run(scenario())
+    r = {"parked": parked, "rss_per_parked_kib": (rss - base) / max(parked, 1), "short_p99_us": short["p99_us"],
+         "short_rps": short["rps"], "left_after_clients_vanish": left, "cancel_seconds": gone_after}
+    print(f"  {name:10} parked {parked}  RSS/parked {r['rss_per_parked_kib']:.1f} KiB  short p99 meanwhile "
+          f"{short['p99_us']/1000:.2f} ms  upstream left {left} after {gone_after:.2f} s", flush=True)
+    return r
+
+
+def upload(name, port, pids, blob):
+    reset_peak(pids)
+    base = status_kib(pids, "VmRSS")
+    t0 = time.time()
+    out = sh(["taskset", "-c", "0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", f"@{blob}",
+              "-H", "Content-Type: application/octet-stream", f"http://127.0.0.1:{port}/_matrix/media/v3/upload"]).stdout
+    secs = time.time() - t0
+    peak = status_kib(pids, "VmHWM")
+    r = {"seconds": secs, "status": int(out), "peak_rss_growth_mib": max(0, peak - base) / 1024}
+    if r["status"] != 200:
+        print(f"  !! {name}: upload answered {out}: this run does not count", flush=True)
+    print(f"  {name:10} 50 MiB upload {secs:.3f} s  status {out}  peak RSS growth {r['peak_rss_growth_mib']:.1f} MiB", flush=True)
+    return r
+
+
+def main():
+    if not EDGE.exists():
+        raise SystemExit("build first: cargo build --release")
+    run = Path(tempfile.mkdtemp(prefix="synapse-edge-bench."))
+    for d in ("wtmp", "ptmp"):
+        (run / d).mkdir()
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "seconds": SECONDS, "rounds": ROUNDS,
+               "connections": CONNS}
+    try:
+        sh([str(EDGE), "demo", "--write-config", str(run)])
+        sh(f"openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=bench "
+           f"-addext subjectAltName=DNS:bench,IP:127.0.0.1 -keyout {run}/key.pem -out {run}/cert.pem")
+        (run / "edge.yaml").write_text("access_log: false\nhealth:\n  interval: 2s\n")
+        workers = start(["taskset", "-c", "1", "nginx", "-c", str(worker_nginx(run)), "-p", str(run)], run / "workers.log")
+        wait_port(PORT["direct"])
+        nginx = start(["taskset", "-c", "1", "nginx", "-c", str(proxy_nginx(run)), "-p", str(run)], run / "proxy.log")
+        edge = start(["taskset", "-c", "1", str(EDGE), "run", "--threads", "1", "--listen", f"127.0.0.1:{PORT['edge']}",
+                      "--listen-tls", f"127.0.0.1:{PORT['edge-tls']}", "--tls-cert", str(run / "cert.pem"),
+                      "--tls-key", str(run / "key.pem"), "--config", str(run / "edge.yaml"),
+                      "--synapse-config", str(run / "homeserver.yaml"), "--synapse-config", str(run / "workers")],
+                     run / "edge.log")
+        for p in (PORT["nginx"], PORT["edge"], PORT["edge-tls"]):
+            wait_port(p)
+        wait_answers(PORT["nginx"])
+        wait_answers(PORT["edge"])
+        nginx_pids, edge_pids = children(nginx.pid), [edge.pid]
+        print(f"machine: {results['machine']}\nwrk: 1 thread, {CONNS} connections, {SECONDS} s per run, {ROUNDS} rounds; "
+              f"proxies and workers on core 1, wrk on core 0\n", flush=True)
+        wrk(PORT["nginx"], seconds=2)
+        wrk(PORT["edge"], seconds=2)
+        for scenario, tls in (("http", False), ("https", True)):
+            print(f"short requests over {scenario.upper()}:")
+            runs = {"direct": [], "nginx": [], "edge": []}
+            for _ in range(ROUNDS):
+                if not tls:
+                    runs["direct"].append(measured("direct", PORT["direct"], [], tls))
+                runs["nginx"].append(measured("nginx", PORT["nginx-tls" if tls else "nginx"], nginx_pids, tls))
+                runs["edge"].append(measured("edge", PORT["edge-tls" if tls else "edge"], edge_pids, tls))
+            results[scenario] = runs
+        blob = run / "50MiB.bin"
+        with open(blob, "wb") as f:
+            f.write(os.urandom(50 << 20))
+        print("50 MiB upload:")
+        results["upload"] = {"direct": upload("direct", PORT["direct"], [], blob),
+                             "nginx": upload("nginx", PORT["nginx"], nginx_pids, blob),
+                             "edge": upload("edge", PORT["edge"], edge_pids, blob)}
+        # Long-polls: a stand-in that holds /sync replaces client_sync1.
+        workers.send_signal(signal.SIGQUIT)
+        workers.wait(10)
+        workers = start(["taskset", "-c", "1", "nginx", "-c", str(worker_nginx(run, slow_sync=True)), "-p", str(run)], run / "workers2.log")
+        wait_port(PORT["direct"])
+        start(["taskset", "-c", "1", str(EDGE), "standin", "--name", "client_sync1", "--socket",
+               str(run / "sockets" / "synapse_inbound_client_sync1.sock")], run / "standin.log")
+        wait_answers(PORT["edge"])  # the edge readmits the restarted workers
+        wait_answers(PORT["nginx"])
+        print(f"{PARKED} parked long-poll /sync requests:")
+        results["longpoll"] = {"nginx": long_polls("nginx", PORT["nginx"], children(nginx.pid), run),
+                               "edge": long_polls("edge", PORT["edge"], edge_pids, run)}
+    finally:
+        for p in reversed(procs):
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(10)
+            except Exception:
+                p.kill()
+        if os.environ.get("BENCH_KEEP"):
+            print(f"kept {run}")
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+    report(results)
+
+
+def machine():
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    return f"{cpu.group(1) if cpu else 'unknown CPU'}, {os.cpu_count()} cores, {sh('uname -r').stdout.strip()}"
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def report(res):
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(res, indent=2))
+    rows = []
+    for sc in ("http", "https"):
+        r = res[sc]
+        m = {k: {f: mean([x[f] for x in v]) for f in ("rps", "p50_us", "p99_us", "cpu_us_per_request", "upstream_conns_per_10k", "non2xx")} for k, v in r.items() if v}
+        rows.append((sc, m))
+    lines = [f"Run {res['date']} on {res['machine']}; {res['rounds']} rounds of {res['seconds']} s, wrk 1 thread, {res['connections']} connections.", ""]
+    lines.append("| scenario | target | rps | p50 ms | p99 ms | CPU µs/req | upstream conns per 10k | non-2xx |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for sc, m in rows:
+        for k, v in m.items():
+            lines.append(f"| {sc} | {k} | {v['rps']:.0f} | {v['p50_us']/1000:.2f} | {v['p99_us']/1000:.2f} | "
+                         f"{v['cpu_us_per_request']:.1f} | {v['upstream_conns_per_10k']:.2f} | {v['non2xx']:.0f} |")
+    lines.append("")
+    lines.append("| ratio | value |")
+    lines.append("|---|---|")
+    for sc, m in rows:
+        e, n = m["edge"], m["nginx"]
+        lines.append(f"| {sc}: rps edge / nginx | {e['rps']/n['rps']:.2f} |")
+        lines.append(f"| {sc}: CPU per request edge / nginx | {e['cpu_us_per_request']/n['cpu_us_per_request']:.2f} |")
+        lines.append(f"| {sc}: p99 edge / nginx | {e['p99_us']/n['p99_us']:.2f} |")
+        if "direct" in m:
+            lines.append(f"| {sc}: rps edge / direct | {e['rps']/m['direct']['rps']:.2f} |")
+            lines.append(f"| {sc}: rps nginx / direct | {n['rps']/m['direct']['rps']:.2f} |")
+        ng = [x["rps"] for x in res[sc]["nginx"]]
+        if len(ng) > 1:
+            lines.append(f"| {sc}: A/A noise, nginx round 1 / round 2 rps | {ng[0]/ng[1]:.3f} |")
+    up = res["upload"]
+    lines.append(f"| 50 MiB upload time edge / nginx | {up['edge']['seconds']/up['nginx']['seconds']:.2f} |")
+    lines.append("")
+    lines.append("| 50 MiB upload | seconds | peak RSS growth MiB |")
+    lines.append("|---|---|---|")
+    for k, v in up.items():
+        lines.append(f"| {k} | {v['seconds']:.3f} | {v['peak_rss_growth_mib']:.1f} |")
+    lp = res["longpoll"]
+    lines.append("")
+    lines.append("| long-polls | parked | RSS per parked KiB | short p99 meanwhile ms | upstream requests left after clients vanish | seconds |")
+    lines.append("|---|---|---|---|---|---|")
+    for k, v in lp.items():
+        lines.append(f"| {k} | {v['parked']} | {v['rss_per_parked_kib']:.1f} | {v['short_p99_us']/1000:.2f} | {v['left_after_clients_vanish']} | {v['cancel_seconds']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "latest.md").write_text(text)
+    print("\n" + text)
+    chart(rows, out / "chart.png")
+
+
+def chart(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib missing: no chart)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels, colors = ["direct", "nginx", "edge"], {"direct": "#999", "nginx": "#2a7", "edge": "#35c"}
+    for ax, field, title, scale in ((axes[0], "rps", "requests per second", 1), (axes[1], "p99_us", "p99 latency (ms)", 1000)):
+        for i, (sc, m) in enumerate(rows):
+            for j, k in enumerate(labels):
+                if k in m:
+                    ax.bar(i * 4 + j, m[k][field] / scale, color=colors[k], label=k if i == 0 else None)
+        ax.set_xticks([1, 5])
+        ax.set_xticklabels([sc.upper() for sc, _ in rows])
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle("synapse-edge vs Nginx vs direct (same stand-in workers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"chart: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Load benchmark: synapse-edge vs Nginx vs direct on the same stand-in
+# workers (not part of the test suite). Installs nginx, wrk and matplotlib
+# if missing, builds the release binary, runs benches/load/run.py.
+#   BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=64 BENCH_PARKED=2000 benches/load/run.sh
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v openssl >/dev/null || need+=(openssl)
+command -v taskset >/dev/null || need+=(util-linux)
+command -v ss >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+fi
+VENV=$ROOT/target/bench-venv
+[ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import matplotlib" 2>/dev/null || {
+  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib
+}
+(cd "$ROOT" && cargo build --release --locked --quiet)
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+exec "$VENV/bin/python" "$ROOT/benches/load/run.py"
