@@ -61,6 +61,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate the worker deployment (Synapse worker config, log configs,
+    /// compose file, edge.yaml) from one topology file.
+    Generate {
+        /// The topology file (see examples/topology.yaml).
+        #[arg(long, value_name = "TOPOLOGY_YAML")]
+        topology: PathBuf,
+        /// The folder to write into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Overwrite files whose contents differ.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run one stand-in worker on a Unix socket (for benchmarks and tests).
     #[command(hide = true)]
     Standin {
@@ -165,6 +178,11 @@ pub fn main() -> ExitCode {
             listen, metrics, ..
         } => demo(listen, metrics),
         Command::Standin { name, socket } => standin(&name, &socket),
+        Command::Generate {
+            topology,
+            out,
+            force,
+        } => generate(&topology, &out, force),
         Command::Check { config, json } => check(&config, json),
         Command::Route {
             config,
@@ -827,4 +845,40 @@ fn standin(name: &str, socket: &std::path::Path) -> ExitCode {
         stop_signal().await;
         ExitCode::SUCCESS
     })
+}
+
+fn generate(topology: &std::path::Path, out: &std::path::Path, force: bool) -> ExitCode {
+    let plan = match crate::generate::Plan::load(topology) {
+        Ok(p) => p,
+        Err(e) => {
+            eprint!("synapse-edge: {e}");
+            eprintln!("nothing was written");
+            return ExitCode::from(2);
+        }
+    };
+    match crate::generate::write(&plan, out, force) {
+        Ok(outcome) if !outcome.conflicts.is_empty() && !force => {
+            eprintln!(
+                "synapse-edge: these files exist with other contents and were not changed (nothing was written):"
+            );
+            for f in &outcome.conflicts {
+                eprintln!("  {}", out.join(f).display());
+            }
+            eprintln!("    fix: review them, then run again with --force to replace them");
+            ExitCode::from(1)
+        }
+        Ok(outcome) => {
+            for f in &outcome.written {
+                println!("wrote     {}", out.join(f).display());
+            }
+            for f in &outcome.unchanged {
+                println!("unchanged {}", out.join(f).display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("synapse-edge: cannot write into {}: {e}", out.display());
+            ExitCode::FAILURE
+        }
+    }
 }

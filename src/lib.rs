@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod front;
+pub mod generate;
 pub mod health;
 pub mod listeners;
 pub mod metrics;
