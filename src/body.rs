@@ -273,7 +273,7 @@ impl std::fmt::Debug for Tap {
 
 #[derive(Debug)]
 enum Content {
-    Upstream(Incoming),
+    Upstream(crate::upstream::PooledBody),
     Full(Option<Bytes>),
 }
 
@@ -286,7 +286,7 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming) -> Self {
+    pub fn upstream(body: crate::upstream::PooledBody) -> Self {
         ResponseBody {
             content: Content::Upstream(body),
             tap: None,

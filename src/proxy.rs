@@ -530,7 +530,7 @@ impl Snapshot {
         req: Request<RequestBody>,
         timeout: Duration,
         progress: &BodyProgress,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<Response<crate::upstream::PooledBody>, AttemptError> {
         let send = self.upstreams.send(worker, pq, req);
         tokio::pin!(send);
         loop {

@@ -1,105 +1,33 @@
-//! Connections to workers: hyper clients over Unix sockets (hyperlocal) and
-//! TCP, with keep-alive pools per worker, so steady traffic opens no new
+//! Connections to workers: a keep-alive pool of hyper HTTP/1.1 connections
+//! per worker endpoint (Unix socket or TCP), so steady traffic opens no new
 //! connections.
+//!
+//! The pool is ours rather than hyper-util's legacy client: the request
+//! path indexes straight into the worker's pool (no per-request hashing of
+//! socket paths, no checkout futures), a connection goes back to its pool
+//! only once the response body is done (so nothing queues behind a long
+//! download), and a request that could not be sent comes back whole, so a
+//! retry needs no copy of its headers.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-
-use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyperlocal::UnixConnector;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use crate::body::RequestBody;
 use crate::config::{Endpoint, UpstreamPool};
 use crate::metrics::Metrics;
 use crate::topology::{Topology, WorkerId};
-
-/// A Unix-socket connector that gives up after the connect timeout.
-#[derive(Debug, Clone, Copy)]
-pub struct UnixConnect {
-    timeout: Duration,
-}
-
-impl tower::Service<Uri> for UnixConnect {
-    type Response = hyperlocal::UnixStream;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<hyperlocal::UnixStream>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = self.timeout;
-        Box::pin(async move {
-            // A full listen backlog answers a non-blocking connect with
-            // EAGAIN: the worker is busy, not gone. Try again (as a
-            // blocking connect would wait) until the connect timeout.
-            let connect = async {
-                let mut pause = Duration::from_millis(1);
-                loop {
-                    match tower::Service::call(&mut UnixConnector, uri.clone()).await {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_millis(50));
-                        }
-                        r => return r,
-                    }
-                }
-            };
-            match tokio::time::timeout(timeout, connect).await {
-                Ok(r) => r,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-            }
-        })
-    }
-}
-
-/// Where a worker's requests are sent: the URI scheme and authority that
-/// select its connection pool.
-#[derive(Debug, Clone)]
-struct Target {
-    scheme: Scheme,
-    authority: Authority,
-    unix: bool,
-}
-
-impl Target {
-    fn of(endpoint: &Endpoint) -> Option<Target> {
-        match endpoint {
-            // hyperlocal reads the socket path from a hex-encoded host.
-            Endpoint::Unix(path) => {
-                let hex: String = path
-                    .as_os_str()
-                    .as_encoded_bytes()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                Some(Target {
-                    scheme: Scheme::try_from("unix").ok()?,
-                    authority: Authority::try_from(format!("{hex}:0")).ok()?,
-                    unix: true,
-                })
-            }
-            Endpoint::Tcp { .. } => Some(Target {
-                scheme: Scheme::HTTP,
-                authority: Authority::try_from(endpoint.to_string()).ok()?,
-                unix: false,
-            }),
-        }
-    }
-}
 
 /// Why a request did not get a response from its worker.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +35,7 @@ pub enum UpstreamError {
     /// Nothing was sent: the worker could not be reached.
     #[error("cannot connect: {0}")]
     Connect(String),
-    /// The worker's address could not be formed (unusable socket path).
+    /// The worker's address could not be used.
     #[error("unusable upstream address")]
     BadTarget,
     /// The request failed after (part of) it was sent.
@@ -122,149 +50,253 @@ impl UpstreamError {
     }
 }
 
-/// Counts connections opened to each worker (and failed connects), naming
-/// the worker from the connection's authority.
-#[derive(Clone)]
-pub struct Counting<C> {
-    inner: C,
-    names: Arc<ArcSwap<HashMap<Authority, String>>>,
+struct Idle {
+    sender: SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// The idle connections to one worker endpoint.
+pub struct WorkerConns {
+    endpoint: Endpoint,
+    /// Label for metrics: the worker's name when the pool was made.
+    name: String,
+    idle: Mutex<Vec<Idle>>,
+    settings: PoolSettings,
     metrics: Arc<Metrics>,
 }
 
-impl<C> tower::Service<Uri> for Counting<C>
-where
-    C: tower::Service<Uri> + Send + 'static,
-    C::Future: Send + 'static,
-    C::Response: Send + 'static,
-    C::Error: Send + 'static,
-{
-    type Response = C::Response;
-    type Error = C::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, C::Error>> + Send>>;
+#[derive(Debug, Clone, Copy)]
+struct PoolSettings {
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
-        self.inner.poll_ready(cx)
+impl WorkerConns {
+    /// An idle connection still usable, most recent first.
+    fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(i) = idle.pop() {
+            if !i.sender.is_closed() && i.since.elapsed() < self.settings.idle_timeout {
+                return Some(i.sender);
+            }
+        }
+        None
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let worker = uri
-            .authority()
-            .and_then(|a| self.names.load().get(a).cloned())
-            .unwrap_or_else(|| "unknown".to_string());
-        let metrics = self.metrics.clone();
-        let fut = self.inner.call(uri);
-        Box::pin(async move {
-            let r = fut.await;
-            match &r {
-                Ok(_) => metrics
-                    .upstream_connections
-                    .with_label_values(&[&worker])
-                    .inc(),
-                Err(_) => metrics
-                    .upstream_connect_errors
-                    .with_label_values(&[&worker])
-                    .inc(),
+    fn put_back(&self, sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.settings.max_idle
+        {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        let conn = tokio::time::timeout(self.settings.connect_timeout, self.open());
+        let sender = match conn.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.upstream_connect_errors.with_label_values(&[&self.name]).inc();
+                return Err(UpstreamError::Connect(e.to_string()));
             }
-            r
-        })
+            Err(_) => {
+                self.metrics.upstream_connect_errors.with_label_values(&[&self.name]).inc();
+                return Err(UpstreamError::Connect("connect timed out".to_string()));
+            }
+        };
+        self.metrics.upstream_connections.with_label_values(&[&self.name]).inc();
+        Ok(sender)
+    }
+
+    async fn open(&self) -> io::Result<SendRequest<RequestBody>> {
+        let builder = http1::Builder::new();
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                // A full listen backlog answers a non-blocking connect with
+                // EAGAIN: the worker is busy, not gone. Try again, as a
+                // blocking connect would wait (bounded by the timeout).
+                let mut pause = Duration::from_millis(1);
+                let stream = loop {
+                    match tokio::net::UnixStream::connect(path).await {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(50));
+                        }
+                        r => break r?,
+                    }
+                };
+                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(sender)
+            }
+            Endpoint::Tcp { host, port } => {
+                let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(sender)
+            }
+        }
+    }
+
+    /// Sends a request on a pooled connection, or a new one. A request that
+    /// a stale pooled connection could not take is sent again on another.
+    async fn send(self: &Arc<Self>, mut req: Request<RequestBody>) -> Result<Response<PooledBody>, UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.take_idle() {
+                Some(s) => (s, true),
+                None => (self.connect().await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(UpstreamError::Connect("the connection closed at once".to_string()));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    // An empty body is done already: nothing will poll it.
+                    let back = if body.is_end_stream() {
+                        self.put_back(sender);
+                        None
+                    } else {
+                        Some((self.clone(), sender))
+                    };
+                    return Ok(Response::from_parts(parts, PooledBody { inner: body, back }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the connection was gone before it took it.
+                    Some(back) if reused => req = back,
+                    Some(_) => return Err(UpstreamError::Connect(error_chain(e.error()))),
+                    None => return Err(UpstreamError::Failed(error_chain(e.error()))),
+                },
+            }
+        }
     }
 }
 
-/// The pooled HTTP clients, shared by every topology a reload installs, so
-/// idle connections to workers survive reloads.
+/// A worker's response body; its connection returns to the pool when the
+/// body is done, and closes if the body is abandoned.
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<(Arc<WorkerConns>, SendRequest<RequestBody>)>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish()
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // Done when it says so: hyper stops polling a body whose length is
+        // reached, so the end may never be polled.
+        let done = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if done && let Some((pool, sender)) = this.back.take() {
+            pool.put_back(sender);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Pools for every endpoint ever used, shared by every topology a reload
+/// installs, so idle connections to workers survive reloads.
 pub struct Clients {
-    unix: Client<Counting<UnixConnect>, RequestBody>,
-    tcp: Client<Counting<HttpConnector>, RequestBody>,
-    names: Arc<ArcSwap<HashMap<Authority, String>>>,
+    pools: Mutex<HashMap<Endpoint, Arc<WorkerConns>>>,
+    settings: PoolSettings,
+    metrics: Arc<Metrics>,
 }
 
 impl Clients {
     pub fn new(connect_timeout: Duration, pool: &UpstreamPool, metrics: Arc<Metrics>) -> Clients {
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(pool.idle_timeout)
-            .pool_max_idle_per_host(pool.max_idle_per_worker)
-            // Host is the client's, never the socket's.
-            .set_host(false);
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        let names = Arc::new(ArcSwap::from_pointee(HashMap::new()));
-        let counting = |inner| Counting {
-            inner,
-            names: names.clone(),
-            metrics: metrics.clone(),
-        };
         Clients {
-            unix: builder.build(counting(UnixConnect {
-                timeout: connect_timeout,
-            })),
-            tcp: builder.build(Counting {
-                inner: http,
-                names: names.clone(),
-                metrics: metrics.clone(),
-            }),
-            names,
+            pools: Mutex::new(HashMap::new()),
+            settings: PoolSettings {
+                connect_timeout,
+                max_idle: pool.max_idle_per_worker,
+                idle_timeout: pool.idle_timeout,
+            },
+            metrics,
+        }
+    }
+
+    fn pool(&self, endpoint: &Endpoint, name: &str) -> Arc<WorkerConns> {
+        let make = || {
+            Arc::new(WorkerConns {
+                endpoint: endpoint.clone(),
+                name: name.to_string(),
+                idle: Mutex::new(Vec::new()),
+                settings: self.settings,
+                metrics: self.metrics.clone(),
+            })
+        };
+        match self.pools.lock() {
+            Ok(mut pools) => pools.entry(endpoint.clone()).or_insert_with(make).clone(),
+            Err(_) => make(),
         }
     }
 }
 
-/// Where each worker of one topology is reached.
+/// Where each worker of one topology is reached: its pool, by `WorkerId`.
 #[derive(Clone)]
 pub struct Upstreams {
-    clients: Arc<Clients>,
-    targets: Vec<Option<Target>>,
+    pools: Vec<Option<Arc<WorkerConns>>>,
 }
 
 impl Upstreams {
     pub fn new(topology: &Topology, clients: Arc<Clients>) -> Upstreams {
-        let targets: Vec<Option<Target>> = topology
-            .workers
-            .iter()
-            .map(|w| w.inbound.as_ref().and_then(Target::of))
-            .collect();
-        // Connections are named after the workers of the newest topology.
-        let mut names = (**clients.names.load()).clone();
-        for (w, t) in topology.workers.iter().zip(&targets) {
-            if let Some(t) = t {
-                names.insert(t.authority.clone(), w.name.clone());
-            }
+        Upstreams {
+            pools: topology
+                .workers
+                .iter()
+                .map(|w| w.inbound.as_ref().map(|e| clients.pool(e, &w.name)))
+                .collect(),
         }
-        clients.names.store(Arc::new(names));
-        Upstreams { clients, targets }
     }
 
-    /// Sends a request (its URI only needs the path and query) to a worker.
+    /// Sends a request to a worker; the request target is `path_and_query`
+    /// exactly as the client sent it.
     pub async fn send(
         &self,
         worker: WorkerId,
         path_and_query: PathAndQuery,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let Some(Some(target)) = self.targets.get(worker.0 as usize) else {
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let Some(Some(pool)) = self.pools.get(worker.0 as usize) else {
             return Err(UpstreamError::BadTarget);
         };
-        let uri = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| UpstreamError::BadTarget)?;
-        *req.uri_mut() = uri;
-        let result = if target.unix {
-            self.clients.unix.request(req).await
-        } else {
-            self.clients.tcp.request(req).await
-        };
-        result.map_err(|e| {
-            if e.is_connect() {
-                UpstreamError::Connect(error_chain(&e))
-            } else {
-                UpstreamError::Failed(error_chain(&e))
-            }
-        })
+        *req.uri_mut() = Uri::from(path_and_query);
+        pool.send(req).await
     }
 }
 
