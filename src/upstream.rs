@@ -156,7 +156,9 @@ impl WorkerConns {
         loop {
             let (mut sender, reused) = match self.take_idle() {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                // Boxed: connecting is rare, and its future is large; inline,
+                // every parked request would carry its size.
+                None => (Box::pin(self.connect()).await?, false),
             };
             if sender.ready().await.is_err() {
                 if reused {
