@@ -103,15 +103,24 @@ impl WorkerConns {
         let sender = match conn.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.metrics.upstream_connect_errors.with_label_values(&[&self.name]).inc();
+                self.metrics
+                    .upstream_connect_errors
+                    .with_label_values(&[&self.name])
+                    .inc();
                 return Err(UpstreamError::Connect(e.to_string()));
             }
             Err(_) => {
-                self.metrics.upstream_connect_errors.with_label_values(&[&self.name]).inc();
+                self.metrics
+                    .upstream_connect_errors
+                    .with_label_values(&[&self.name])
+                    .inc();
                 return Err(UpstreamError::Connect("connect timed out".to_string()));
             }
         };
-        self.metrics.upstream_connections.with_label_values(&[&self.name]).inc();
+        self.metrics
+            .upstream_connections
+            .with_label_values(&[&self.name])
+            .inc();
         Ok(sender)
     }
 
@@ -132,7 +141,10 @@ impl WorkerConns {
                         r => break r?,
                     }
                 };
-                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(io::Error::other)?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -141,7 +153,10 @@ impl WorkerConns {
             Endpoint::Tcp { host, port } => {
                 let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 stream.set_nodelay(true)?;
-                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(io::Error::other)?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -152,7 +167,10 @@ impl WorkerConns {
 
     /// Sends a request on a pooled connection, or a new one. A request that
     /// a stale pooled connection could not take is sent again on another.
-    async fn send(self: &Arc<Self>, mut req: Request<RequestBody>) -> Result<Response<PooledBody>, UpstreamError> {
+    async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
             let (mut sender, reused) = match self.take_idle() {
                 Some(s) => (s, true),
@@ -164,7 +182,9 @@ impl WorkerConns {
                 if reused {
                     continue;
                 }
-                return Err(UpstreamError::Connect("the connection closed at once".to_string()));
+                return Err(UpstreamError::Connect(
+                    "the connection closed at once".to_string(),
+                ));
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -176,7 +196,10 @@ impl WorkerConns {
                     } else {
                         Some((self.clone(), sender))
                     };
-                    return Ok(Response::from_parts(parts, PooledBody { inner: body, back }));
+                    return Ok(Response::from_parts(
+                        parts,
+                        PooledBody { inner: body, back },
+                    ));
                 }
                 Err(mut e) => match e.take_message() {
                     // Not sent: the connection was gone before it took it.
@@ -206,7 +229,10 @@ impl Body for PooledBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         // Done when it says so: hyper stops polling a body whose length is

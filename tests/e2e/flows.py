@@ -80,11 +80,17 @@ async def login(base, name):
     return c, r
 
 
+def synapse_args(run_dir):
+    """The Synapse config as the edge reads it: homeserver.yaml, then the
+    generated worker section and worker files."""
+    return ["--synapse-config", str(run_dir / "homeserver.yaml"),
+            "--synapse-config", str(run_dir / "gen" / "homeserver-workers.yaml"),
+            "--synapse-config", str(run_dir / "gen" / "workers")]
+
+
 def edge_route(edge_bin, run_dir, method, target):
     out = subprocess.run(
-        [edge_bin, "route", "--json",
-         "--synapse-config", str(run_dir / "homeserver.yaml"),
-         "--synapse-config", str(run_dir / "workers"), method, target],
+        [edge_bin, "route", "--json", *synapse_args(run_dir), method, target],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout)
@@ -224,32 +230,54 @@ async def flows(base, run_dir, edge_bin):
     return ctx
 
 
-ACCESS = re.compile(r'"(GET|PUT|POST|DELETE|HEAD|OPTIONS) (\S+) HTTP/1\.1"')
+SERVED = re.compile(r'^synapse_http_server_requests_received_total\{([^}]*)\} ([0-9.e+]+)$', re.M)
 
 
-def served_by(run_dir: Path):
-    """(method, path) requests each worker logged."""
+def metrics_ports(run_dir):
+    """Each process's metrics port, from its (generated) config."""
+    ports = {"main": int(re.search(r"type: metrics\s+bind_address: '[^']*'\s+port: (\d+)",
+                                   (run_dir / "homeserver.yaml").read_text()).group(1))}
+    for f in (run_dir / "gen" / "workers").glob("*.yaml"):
+        m = re.search(r"type: metrics\s+bind_address: '[^']*'\s+port: (\d+)", f.read_text())
+        if m:
+            ports[f.stem] = int(m.group(1))
+    return ports
+
+
+async def served_by(run_dir):
+    """Requests each process received, by servlet, from its own metrics."""
     out = {}
-    for log in (run_dir / "logs").glob("*.log"):
-        out[log.stem] = [(m, p.split("?")[0]) for m, p in ACCESS.findall(log.read_text(errors="replace"))]
+    async with aiohttp.ClientSession() as s:
+        for worker, port in metrics_ports(run_dir).items():
+            async with s.get(f"http://127.0.0.1:{port}/_synapse/metrics") as r:
+                text = await r.text()
+            counts = {}
+            for labels, value in SERVED.findall(text):
+                servlet = re.search(r'servlet="([^"]*)"', labels).group(1)
+                counts[servlet] = counts.get(servlet, 0) + float(value)
+            out[worker] = counts
     return out
 
 
-def proof_of_routing(run_dir):
-    served = served_by(run_dir)
-    def has(worker, pattern):
-        return [p for _, p in served.get(worker, []) if re.search(pattern, p)]
-    check("rooms1 served room traffic", has("rooms1", r"/rooms/[^/]+/(send|messages)"), str(served.get("rooms1", [])[:5]))
-    check("rooms2 served room traffic", has("rooms2", r"/rooms/[^/]+/(send|messages)"), str(served.get("rooms2", [])[:5]))
-    check("client_sync1 served /sync", has("client_sync1", r"/sync$"))
-    for what, pat in [("typing", r"/typing/"), ("receipts", r"/receipt/"), ("read markers", r"/read_markers$"),
-                      ("to-device", r"/sendToDevice/"), ("account data", r"/account_data/"), ("tags", r"/tags")]:
-        check(f"client_sync1 served {what}", has("client_sync1", pat))
-        others = {w: has(w, pat) for w in served if w != "client_sync1" and has(w, pat)}
+async def proof_of_routing(run_dir):
+    served = await served_by(run_dir)
+    def n(worker, servlets):
+        return sum(served.get(worker, {}).get(s, 0) for s in servlets)
+    room = ["RoomSendEventRestServlet", "RoomMessageListRestServlet"]
+    check("rooms1 served room traffic", n("rooms1", room) > 0, str(served.get("rooms1")))
+    check("rooms2 served room traffic", n("rooms2", room) > 0, str(served.get("rooms2")))
+    check("client_sync1 served /sync", n("client_sync1", ["SyncRestServlet"]) > 0, str(served.get("client_sync1")))
+    streams = [("typing", ["RoomTypingRestServlet"]), ("receipts", ["ReceiptRestServlet"]),
+               ("read markers", ["ReadMarkerRestServlet"]), ("to-device", ["SendToDeviceRestServlet"]),
+               ("account data", ["AccountDataServlet", "RoomAccountDataServlet"]), ("tags", ["TagServlet", "TagListServlet"])]
+    for what, servlets in streams:
+        check(f"client_sync1 served {what}", n("client_sync1", servlets) > 0)
+        others = {w: n(w, servlets) for w in served if w != "client_sync1" and n(w, servlets)}
         check(f"no non-writer served {what}", not others, str(others))
-    check("media1 served media", has("media1", r"^/_matrix/(media|client/v1/media)/"))
-    others = {w: has(w, r"^/_matrix/(media|client/v1/media)/") for w in served if w != "media1"}
-    check("no other worker served media", not any(others.values()), str(others))
+    media = ["UploadServlet", "DownloadResource", "ThumbnailResource"]
+    check("media1 served media", n("media1", media) > 0, str(served.get("media1")))
+    others = {w: n(w, media) for w in served if w != "media1" and n(w, media)}
+    check("no other worker served media", not others, str(others))
 
 
 # Values for path parameters when checking routes against real workers.
@@ -288,8 +316,7 @@ def concrete(path, values):
 
 async def verify_routes(run_dir, edge_bin, ctx):
     out = subprocess.run(
-        [edge_bin, "check", "--json", "--synapse-config", str(run_dir / "homeserver.yaml"),
-         "--synapse-config", str(run_dir / "workers")],
+        [edge_bin, "check", "--json", *synapse_args(run_dir)],
         capture_output=True, text=True, check=True,
     )
     table = json.loads(out.stdout)["routes_table"]
@@ -345,8 +372,8 @@ async def main():
     t0 = time.monotonic()
     print("client flows through synapse-edge:")
     ctx = await flows(a.edge, a.run_dir, a.edge_bin)
-    print("proof of routing (from each worker's access log):")
-    proof_of_routing(a.run_dir)
+    print("proof of routing (from each worker's own metrics):")
+    await proof_of_routing(a.run_dir)
     if "alice" in ctx and ctx.get("event"):
         await verify_routes(a.run_dir, a.edge_bin, ctx)
     for c in ("alice", "bob"):

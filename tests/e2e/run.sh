@@ -63,8 +63,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-log "generating the Synapse config in $RUN"
-"$PY" "$ROOT/tests/e2e/synapse_config.py" "$RUN"
+log "generating the Synapse config in $RUN (workers by synapse-edge generate)"
+"$PY" "$ROOT/tests/e2e/synapse_config.py" "$RUN" "$EDGE_BIN"
 
 log "starting PostgreSQL and Redis"
 mkdir -p "$RUN/pg" "$RUN/pgsock"
@@ -73,7 +73,7 @@ runuser -u postgres -- "$PGBIN/initdb" -D "$RUN/pg" -U postgres --auth=trust -E 
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$RUN/pg" -l "$RUN/pg/postgres.log" -w \
   -o "-c listen_addresses='' -c unix_socket_directories=$RUN/pgsock -c fsync=off -c full_page_writes=off -c synchronous_commit=off" start >/dev/null
 "$PGBIN/createdb" -h "$RUN/pgsock" -U postgres -E UTF8 --lc-collate=C --lc-ctype=C -T template0 synapse
-redis-server --port 0 --unixsocket "$RUN/redis.sock" --unixsocketperm 700 --save '' --appendonly no \
+redis-server --port 0 --unixsocket "$RUN/sockets/synapse_redis.sock" --unixsocketperm 700 --save '' --appendonly no \
   --daemonize yes --pidfile "$RUN/redis.pid" --logfile "$RUN/logs/redis.txt"
 
 "$PY" -m synapse.app.homeserver --config-path "$RUN/homeserver.yaml" --generate-keys >/dev/null
@@ -85,7 +85,7 @@ wait_health() { # name socket
     sleep 0.5
   done
   log "$name never answered /health on $sock; last lines of its logs:"
-  tail -n 30 "$RUN/logs/$name.log" "$RUN/logs/$name.out" 2>/dev/null || true
+  tail -n 30 "$RUN/logs/${name%%[0-9]*}.log" "$RUN/logs/$name.out" 2>/dev/null || true
   return 1
 }
 
@@ -98,23 +98,25 @@ start_synapse() { # name app config-paths...
 }
 
 log "starting Synapse main"
-start_synapse main synapse.app.homeserver "$RUN/homeserver.yaml"
+SHARED=("$RUN/homeserver.yaml" "$RUN/gen/homeserver-workers.yaml")
+start_synapse main synapse.app.homeserver "${SHARED[@]}"
 wait_health main "$RUN/sockets/synapse_inbound_main.sock"
 
 log "starting the workers"
 WORKERS=(client_sync1 rooms1 rooms2 federation_reader1 media1 sender1 tasks1)
 for w in "${WORKERS[@]}"; do
-  start_synapse "$w" synapse.app.generic_worker "$RUN/homeserver.yaml" "$RUN/workers/$w.yaml"
+  start_synapse "$w" synapse.app.generic_worker "${SHARED[@]}" "$RUN/gen/workers/$w.yaml"
 done
 for w in "${WORKERS[@]}"; do
   sock=$RUN/sockets/synapse_inbound_$w.sock
-  [ -e "$RUN/workers/$w.yaml" ] && grep -q inbound "$RUN/workers/$w.yaml" || sock=$RUN/sockets/synapse_replication_$w.sock
+  grep -q inbound "$RUN/gen/workers/$w.yaml" || sock=$RUN/sockets/synapse_replication_$w.sock
   wait_health "$w" "$sock"
 done
 log "Synapse is up ($(( $(date +%s) - T0 )) s since start)"
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$EDGE_BIN" run --synapse-config "$RUN/homeserver.yaml" --synapse-config "$RUN/workers" \
+"$EDGE_BIN" run --synapse-config "$RUN/homeserver.yaml" --synapse-config "$RUN/gen/homeserver-workers.yaml" \
+  --synapse-config "$RUN/gen/workers" --config "$RUN/gen/edge.yaml" \
   --listen "127.0.0.1:$PORT" >"$RUN/logs/edge.txt" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 50); do

@@ -1,36 +1,51 @@
-"""Writes a Synapse config in the guide's shape for the end-to-end suite.
+"""Writes the end-to-end suite's Synapse config, using `synapse-edge
+generate` for everything about workers (so real Synapse proves the
+generated files), plus a homeserver.yaml for what only a test server has.
 
-main, client_sync1 (account_data, presence, receipts, to_device, typing
-writer and user directory), rooms1, rooms2, federation_reader1, media1
-(media repository), sender1 (federation sender), tasks1 (events writer,
-background tasks, pushers). Routed workers listen on inbound Unix sockets
-with x_forwarded; writers have replication sockets in instance_map.
+Topology (the guide's shape): main, client_sync1 (account_data, presence,
+receipts, to_device, typing writer; user directory), rooms1, rooms2,
+federation_reader1, media1 (media repository, quarantine writer), sender1,
+tasks1 (events writer, background tasks, pushers, appservices). Routed
+workers listen on inbound Unix sockets with x_forwarded; writers have
+replication sockets in instance_map; every worker has a metrics port.
 
-Usage: synapse_config.py DIR
+Usage: synapse_config.py DIR EDGE_BINARY
+Writes DIR/homeserver.yaml, DIR/topology.yaml and DIR/gen/ (generated).
 """
 
+import subprocess
 import sys
 from pathlib import Path
 
 SERVER_NAME = "e2e.test"
+METRICS_BASE = 19100
 
-# name: (replication socket?, inbound resources or None)
-WORKERS = {
-    "client_sync1": (True, ["client", "federation"]),
-    "rooms1": (False, ["client", "federation"]),
-    "rooms2": (False, ["client", "federation"]),
-    "federation_reader1": (False, ["client", "federation"]),
-    "media1": (True, ["media", "client", "federation"]),
-    "sender1": (True, None),
-    "tasks1": (True, None),
-}
-
-# Rate limits relaxed: the flows send bursts no real user would.
-RELAXED = {"per_second": 1000, "burst_count": 1000}
-
-
-def sock(d: Path, kind: str, name: str) -> str:
-    return str(d / "sockets" / f"synapse_{kind}_{name}.sock")
+TOPOLOGY = """server_name: {server}
+sockets: {d}/sockets
+config_dir: {d}/gen
+log_dir: {d}/logs
+log_retention_days: 1
+metrics_base_port: {metrics}
+workers:
+  client_sync: 1
+  rooms: 2
+  federation_reader: 1
+  media: 1
+  sender: 1
+  tasks: 1
+stream_writers:
+  account_data: [client_sync1]
+  events: [tasks1]
+  presence: [client_sync1]
+  receipts: [client_sync1]
+  to_device: [client_sync1]
+  typing: [client_sync1]
+background_tasks: tasks1
+pushers: [tasks1]
+appservice_notifications: tasks1
+user_directory: client_sync1
+media_background_jobs: media1
+"""
 
 
 def listener(path: str, resources, x_forwarded=False) -> str:
@@ -41,10 +56,14 @@ def listener(path: str, resources, x_forwarded=False) -> str:
     )
 
 
-def log_config(d: Path, name: str) -> str:
-    path = d / "log.config" / f"{name}.log.config"
-    path.write_text(
-        f"""version: 1
+def main(d: Path, edge: str) -> None:
+    for sub in ("sockets", "logs", "media"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    (d / "topology.yaml").write_text(TOPOLOGY.format(server=SERVER_NAME, d=d, metrics=METRICS_BASE))
+    subprocess.run([edge, "generate", "--topology", str(d / "topology.yaml"), "--out", str(d / "gen")],
+                   check=True, stdout=subprocess.DEVNULL)
+    # Main logs to its own file, unbuffered, so failures show at once.
+    (d / "main.log.config").write_text(f"""version: 1
 formatters:
   precise:
     format: '%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s'
@@ -52,37 +71,23 @@ handlers:
   file:
     class: logging.FileHandler
     formatter: precise
-    filename: {d / 'logs' / (name + '.log')}
-    encoding: utf8
-loggers:
-  synapse.access:
-    level: INFO
-  synapse.storage.SQL:
-    level: WARN
-  twisted:
-    level: WARN
+    filename: {d / 'logs' / 'main.log'}
 root:
   level: INFO
   handlers: [file]
 disable_existing_loggers: false
-"""
-    )
-    return str(path)
-
-
-def main(d: Path) -> None:
-    for sub in ("sockets", "workers", "logs", "log.config", "media"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    writers = ["account_data", "presence", "receipts", "to_device", "typing"]
+""")
     rl = "{per_second: 1000, burst_count: 1000}"
-    hs = f"""# Generated for synapse-edge's end-to-end suite.
+    sock = lambda kind: d / "sockets" / f"synapse_{kind}_main.sock"
+    hs = f"""# The end-to-end suite's homeserver.yaml; the worker section is generated.
 server_name: "{SERVER_NAME}"
 pid_file: "{d / 'main.pid'}"
 public_baseurl: "http://127.0.0.1/"
 report_stats: false
+enable_metrics: true
 signing_key_path: "{d / 'signing.key'}"
 media_store_path: "{d / 'media'}"
-log_config: "{log_config(d, 'main')}"
+log_config: "{d / 'main.log.config'}"
 macaroon_secret_key: "e2e-macaroon-secret"
 form_secret: "e2e-form-secret"
 registration_shared_secret: "e2e-registration-secret"
@@ -104,26 +109,11 @@ database:
     host: "{d / 'pgsock'}"
     cp_min: 1
     cp_max: 4
-redis:
-  enabled: true
-  path: "{d / 'redis.sock'}"
 listeners:
-{listener(sock(d, 'inbound', 'main'), ['client', 'federation'], x_forwarded=True)}{listener(sock(d, 'replication', 'main'), ['replication'])}
-enable_media_repo: false
-federation_sender_instances: [sender1]
-media_instance_running_background_jobs: media1
-notify_appservices_from_worker: tasks1
-pusher_instances: [tasks1]
-run_background_tasks_on: tasks1
-start_pushers: false
-update_user_directory_from_worker: client_sync1
-stream_writers:
-  events: [tasks1]
-  # The media worker serves /quarantine_media, so it must write this stream.
-  quarantined_media_changes: [media1]
-""" + "".join(f"  {s}: [client_sync1]\n" for s in writers) + "instance_map:\n"
-    for name in ["main"] + [n for n, (rep, _) in WORKERS.items() if rep]:
-        hs += f"  {name}:\n    path: \"{sock(d, 'replication', name)}\"\n"
+{listener(str(sock('inbound')), ['client', 'federation'], x_forwarded=True)}{listener(str(sock('replication')), ['replication'])}  - type: metrics
+    bind_address: '127.0.0.1'
+    port: {METRICS_BASE}
+"""
     for key in ("rc_message", "rc_registration", "rc_room_creation", "rc_media_create",
                 "rc_joins_per_room", "rc_3pid_validation", "rc_delayed_event_mgmt"):
         hs += f"{key}: {rl}\n"
@@ -133,21 +123,6 @@ stream_writers:
     hs += f"rc_presence: {{per_user: {rl}}}\n"
     (d / "homeserver.yaml").write_text(hs)
 
-    for name, (rep, inbound) in WORKERS.items():
-        w = (
-            "worker_app: synapse.app.generic_worker\n"
-            f"worker_name: {name}\n"
-            f"worker_log_config: \"{log_config(d, name)}\"\n"
-        )
-        if name == "media1":
-            w += "enable_media_repo: true\n"
-        w += "worker_listeners:\n"
-        if rep:
-            w += listener(sock(d, "replication", name), ["replication"])
-        if inbound:
-            w += listener(sock(d, "inbound", name), inbound, x_forwarded=True)
-        (d / "workers" / f"{name}.yaml").write_text(w)
-
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]).resolve())
+    main(Path(sys.argv[1]).resolve(), sys.argv[2])
