@@ -125,7 +125,6 @@ impl WorkerConns {
     }
 
     async fn open(&self) -> io::Result<SendRequest<RequestBody>> {
-        let builder = http1::Builder::new();
         match &self.endpoint {
             Endpoint::Unix(path) => {
                 // A full listen backlog answers a non-blocking connect with
@@ -141,26 +140,12 @@ impl WorkerConns {
                         r => break r?,
                     }
                 };
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(io::Error::other)?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(sender)
+                handshake(stream).await
             }
             Endpoint::Tcp { host, port } => {
                 let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 stream.set_nodelay(true)?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(io::Error::other)?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(sender)
+                handshake(stream).await
             }
         }
     }
@@ -210,6 +195,21 @@ impl WorkerConns {
             }
         }
     }
+}
+
+/// Starts HTTP/1.1 on a new connection; its task runs until it closes.
+async fn handshake<S>(stream: S) -> io::Result<SendRequest<RequestBody>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// A worker's response body; its connection returns to the pool when the
