@@ -658,12 +658,11 @@ impl Snapshot {
                     .body(RequestBody::empty());
                 let ok = match req {
                     Ok(req) => {
-                        let pq = PathAndQuery::from_static("/health");
                         let started = Instant::now();
-                        let ok = match tokio::time::timeout(settings.timeout, self.upstreams.send(id, pq, req)).await {
-                            Ok(Ok(resp)) => resp.status().is_success(),
-                            _ => false,
-                        };
+                        let ok = matches!(
+                            tokio::time::timeout(settings.timeout, self.upstreams.probe(id, req)).await,
+                            Ok(Ok(true))
+                        );
                         m.health_check_duration
                             .with_label_values(&[&w.name])
                             .observe(started.elapsed().as_secs_f64());

@@ -150,6 +150,26 @@ impl WorkerConns {
         }
     }
 
+    /// A health check on a connection of its own: never one of the pool's
+    /// (whose owner may be another serving thread), never kept.
+    async fn probe(&self, req: Request<RequestBody>) -> Result<bool, UpstreamError> {
+        let mut sender = Box::pin(self.open())
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Failed(error_chain(&e)))?;
+        let ok = resp.status().is_success();
+        // Read the (tiny) body so the worker sees a clean exchange.
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+        Ok(ok)
+    }
+
     /// Sends a request on a pooled connection, or a new one. A request that
     /// a stale pooled connection could not take is sent again on another.
     async fn send(
@@ -325,6 +345,21 @@ impl Upstreams {
         };
         *req.uri_mut() = Uri::from(path_and_query);
         pool.send(req).await
+    }
+}
+
+impl Upstreams {
+    /// `GET /health` on a fresh connection to the worker: `Ok(true)` when
+    /// it answers 2xx.
+    pub async fn probe(
+        &self,
+        worker: WorkerId,
+        req: Request<RequestBody>,
+    ) -> Result<bool, UpstreamError> {
+        let Some(Some(pool)) = self.pools.get(worker.0 as usize) else {
+            return Err(UpstreamError::BadTarget);
+        };
+        pool.probe(req).await
     }
 }
 
