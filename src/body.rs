@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
@@ -310,11 +309,6 @@ impl ResponseBody {
     pub fn tapped(mut self, tap: Tap) -> Self {
         self.tap = Some(Box::new(tap));
         self
-    }
-
-    /// Collects the body (tests and small internal responses only).
-    pub async fn collect_bytes(self) -> Result<Bytes, hyper::Error> {
-        Ok(self.collect().await?.to_bytes())
     }
 }
 

@@ -632,16 +632,4 @@ impl Running {
         }
         let _ = (&mut self.task).await;
     }
-
-    /// Waits until the server ends (after a stop).
-    pub async fn wait(mut self) {
-        let _ = (&mut self.task).await;
-    }
-
-    /// Asks the server to stop without waiting.
-    pub fn request_stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
 }

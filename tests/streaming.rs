@@ -58,7 +58,10 @@ async fn fifty_mib_upload_and_download_stream_through_with_flat_memory() {
     std::fs::write(&edge_yaml, "limits:\n  max_body_size: 64M\n").unwrap();
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_synapse-edge"));
+    // One serving thread: one allocator heap, so the peak is comparable.
     cmd.arg("run")
+        .arg("--threads")
+        .arg("1")
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"));
     cmd.arg("--config").arg(&edge_yaml);
