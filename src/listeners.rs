@@ -236,6 +236,7 @@ impl Threaded {
             let handle = std::thread::Builder::new()
                 .name(format!("edge-{i}"))
                 .spawn(move || {
+                    crate::upstream::set_serving_thread(i + 1);
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

@@ -60,7 +60,10 @@ pub struct WorkerConns {
     endpoint: Endpoint,
     /// Label for metrics: the worker's name when the pool was made.
     name: String,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections by serving thread: a connection's task runs on the
+    /// thread that opened it, so each thread reuses its own (no wakeups
+    /// across threads on the request path).
+    idle: Vec<Mutex<Vec<Idle>>>,
     settings: PoolSettings,
     metrics: Arc<Metrics>,
 }
@@ -75,7 +78,7 @@ struct PoolSettings {
 impl WorkerConns {
     /// An idle connection still usable, most recent first.
     fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.idle[shard()].lock().ok()?;
         while let Some(i) = idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < self.settings.idle_timeout {
                 return Some(i.sender);
@@ -88,7 +91,7 @@ impl WorkerConns {
         if sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock()
+        if let Ok(mut idle) = self.idle[shard()].lock()
             && idle.len() < self.settings.max_idle
         {
             idle.push(Idle {
@@ -277,6 +280,23 @@ impl Body for PooledBody {
     }
 }
 
+/// How many per-thread shards of idle connections a pool keeps.
+const SHARDS: usize = 64;
+
+thread_local! {
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread use its own shard of every pool (the serving
+/// threads call this once; other threads share shard 0).
+pub fn set_serving_thread(index: usize) {
+    SHARD.with(|s| s.set(index % SHARDS));
+}
+
+fn shard() -> usize {
+    SHARD.with(|s| s.get())
+}
+
 /// Pools for every endpoint ever used, shared by every topology a reload
 /// installs, so idle connections to workers survive reloads.
 pub struct Clients {
@@ -303,7 +323,7 @@ impl Clients {
             Arc::new(WorkerConns {
                 endpoint: endpoint.clone(),
                 name: name.to_string(),
-                idle: Mutex::new(Vec::new()),
+                idle: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
                 settings: self.settings,
                 metrics: self.metrics.clone(),
             })
