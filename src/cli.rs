@@ -245,6 +245,15 @@ fn check(config: &ConfigArgs, json: bool) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    // The certificates `run` would serve must load too.
+    if let Some(tls) = &state.edge.tls
+        && let Err(e) = CertStore::load(tls.certificates.clone())
+    {
+        eprintln!(
+            "synapse-edge: cannot load TLS certificates: {e}\n    fix: point `tls.certificates` at a readable PEM chain and its matching key"
+        );
+        return ExitCode::from(2);
+    }
     let topo = &state.topology;
     let mut warnings = topo.warnings.clone();
     // Routes whose first-choice pool is empty are served by a fallback.

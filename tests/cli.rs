@@ -260,3 +260,28 @@ fn malformed_route_arguments_are_refused_without_panic() {
         );
     }
 }
+
+#[test]
+fn check_refuses_certificates_that_do_not_load() {
+    let dir = guide_copy();
+    let edge_yaml = dir.path().join("edge.yaml");
+    std::fs::write(
+        dir.path().join("bad.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot a certificate\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &edge_yaml,
+        format!(
+            "listeners:\n  - listen: \"127.0.0.1:8443\"\n    tls: true\ntls:\n  certificates:\n    - cert: {0}/bad.pem\n      key: {0}/bad.pem\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let o = run_with(
+        "check",
+        dir.path(),
+        &["--config", edge_yaml.to_str().unwrap()],
+    );
+    assert_refused(&o, "bad.pem", "TLS certificates");
+}
