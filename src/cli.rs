@@ -502,9 +502,17 @@ async fn stop_signal() {
 }
 
 /// One start-up line: listeners, workers and pools.
-fn startup_line(state: &EdgeState, addrs: &[ListenAddr]) {
+fn startup_line(state: &EdgeState, specs: &[ListenerSpec], addrs: &[ListenAddr]) {
     let topo = &state.topology;
-    let listeners: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    // Bound addresses come in the order of the specs.
+    let listeners: Vec<String> = specs
+        .iter()
+        .zip(addrs)
+        .map(|(spec, addr)| match (addr, &spec.tls) {
+            (ListenAddr::Tcp(a), Some(_)) => format!("https://{a}"),
+            _ => addr.to_string(),
+        })
+        .collect();
     let routed: Vec<&str> = topo
         .workers
         .iter()
@@ -551,7 +559,7 @@ async fn serve_until_stopped(
             return ExitCode::from(2);
         }
     };
-    startup_line(&proxy.snapshot().state, &running.addrs);
+    startup_line(&proxy.snapshot().state, &specs, &running.addrs);
     let mut background = Vec::new();
     if let Some(addr) = metrics {
         match tokio::net::TcpListener::bind(addr).await {
@@ -702,7 +710,9 @@ fn listener_specs(
     } else {
         Some(Arc::new(
             CertStore::load(cert_specs)
-                .map_err(|e| format!("cannot load TLS certificates: {e}"))?,
+                .map_err(|e| {
+            format!("cannot load TLS certificates: {e}\n    fix: point --tls-cert/--tls-key or `tls.certificates` at a readable PEM chain and its matching key")
+        })?,
         ))
     };
     let tls_config = certs

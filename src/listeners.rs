@@ -128,31 +128,6 @@ impl Bound {
         }
     }
 
-    pub async fn bind(spec: &ListenerSpec) -> io::Result<Bound> {
-        let socket = match &spec.addr {
-            ListenAddr::Tcp(a) => BoundSocket::Tcp(TcpListener::bind(a).await?),
-            ListenAddr::Unix(p) => {
-                // A socket file left by an earlier run blocks the bind.
-                if std::fs::symlink_metadata(p).is_ok()
-                    && std::os::unix::net::UnixStream::connect(p).is_err()
-                {
-                    std::fs::remove_file(p)?;
-                }
-                BoundSocket::Unix(UnixListener::bind(p)?, p.clone())
-            }
-        };
-        let mut role = (*spec.role).clone();
-        role.name = match &socket {
-            BoundSocket::Tcp(l) => l.local_addr()?.to_string(),
-            BoundSocket::Unix(_, p) => format!("unix:{}", p.display()),
-        };
-        Ok(Bound {
-            socket,
-            role: Arc::new(role),
-            tls: spec.tls.clone().map(TlsAcceptor::from),
-        })
-    }
-
     /// The address actually bound (the port, when asked for port 0).
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match &self.socket {
@@ -272,6 +247,7 @@ impl Threaded {
 
     /// Stops accepting, drains every thread, waits for them.
     pub async fn stop(self) {
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
         let _ = self.stop.send(true);
         let threads = self.threads;
         let _ = tokio::task::spawn_blocking(move || {
@@ -363,7 +339,6 @@ pub async fn serve(
         tracker.spawn(accept_loop(listener, ctx, tracker.clone()));
     }
     shutdown.await;
-    tracing::info!("shutting down: no new connections, draining in-flight requests");
     let _ = stop_tx.send(true);
     tracker.close();
     if tokio::time::timeout(settings.drain_timeout, tracker.wait())
@@ -601,8 +576,9 @@ impl Running {
         let mut local = Vec::new();
         for spec in specs {
             let a = &spec.addr;
-            let b = Bound::bind(spec)
-                .await
+            let b = Bound::bind_std(spec, 1)
+                .and_then(|mut v| v.pop().ok_or_else(|| io::Error::other("nothing bound")))
+                .and_then(StdBound::into_tokio)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
             local.push(b.local_addr()?);
             bound.push(b);

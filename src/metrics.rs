@@ -38,18 +38,24 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    r.register(Box::new(c.clone()))
+/// Registers a metric defined by this program (constant names and labels:
+/// `expect` can only fail on a programming error, never on input).
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: prometheus::Result<M>,
+) -> M {
+    let m = m.expect("valid metric definition");
+    r.register(Box::new(m.clone()))
         .expect("metric registered once");
-    c
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    r.register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(
@@ -59,14 +65,13 @@ fn histogram(
     labels: &[&str],
     buckets: &[f64],
 ) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
+    register(
+        r,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        ),
     )
-    .expect("valid metric definition");
-    r.register(Box::new(h.clone()))
-        .expect("metric registered once");
-    h
 }
 
 impl Default for Metrics {
@@ -76,31 +81,29 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    // The definitions below are constants of this program: `expect` there
-    // can only fail on a programming error, never on input.
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let last_reload = Gauge::new(
-            "synapse_edge_config_last_reload_success_timestamp_seconds",
-            "When the configuration was last loaded successfully (Unix time)",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(last_reload.clone()))
-            .expect("metric registered once");
-        let tls_handshakes = IntCounter::new(
-            "synapse_edge_tls_handshakes_total",
-            "Completed TLS handshakes",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(tls_handshakes.clone()))
-            .expect("metric registered once");
-        let tls_handshake_errors = IntCounter::new(
-            "synapse_edge_tls_handshake_errors_total",
-            "Failed or timed-out TLS handshakes",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(tls_handshake_errors.clone()))
-            .expect("metric registered once");
+        let last_reload = register(
+            &r,
+            Gauge::new(
+                "synapse_edge_config_last_reload_success_timestamp_seconds",
+                "When the configuration was last loaded successfully (Unix time)",
+            ),
+        );
+        let tls_handshakes = register(
+            &r,
+            IntCounter::new(
+                "synapse_edge_tls_handshakes_total",
+                "Completed TLS handshakes",
+            ),
+        );
+        let tls_handshake_errors = register(
+            &r,
+            IntCounter::new(
+                "synapse_edge_tls_handshake_errors_total",
+                "Failed or timed-out TLS handshakes",
+            ),
+        );
         Metrics {
             requests: counter(
                 &r,

@@ -372,11 +372,11 @@ impl Snapshot {
         served.route = Some(route);
         served.pool = Some(pool);
         let _in_flight = InFlight::new(m.in_flight.with_label_values(&[&pool.name]));
-        let preferred = state.candidates(pool, key_hash).first().copied();
         // The key's live workers in its preference order, then main when
         // main may serve the route.
-        let mut order: SmallVec<[WorkerId; 8]> = state
-            .candidates(pool, key_hash)
+        let candidates = state.candidates(pool, key_hash);
+        let preferred = candidates.first().copied();
+        let mut order: SmallVec<[WorkerId; 8]> = candidates
             .into_iter()
             .filter(|&w| health.is_up(w))
             .collect();
