@@ -1,0 +1,739 @@
+//! One HTTP/1.1 exchange with a worker, on a connection the request's own
+//! task drives: encode the head, stream the body, parse the answer's head,
+//! decode its body as the client reads it.
+//!
+//! Why not hyper's client: it runs a task per connection and talks to it
+//! through a channel (an allocation of 32 request slots per connection, a
+//! wakeup and a task hop each way per request), and its connection reads
+//! into an 8 KiB buffer it keeps for as long as a long-poll waits. Here a
+//! waiting request holds the socket and nothing else: the read buffer is
+//! allocated when the worker's answer arrives, as Nginx does.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, StatusCode};
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The most header lines an answer may have.
+const MAX_HEADERS: usize = 128;
+/// The longest head an answer may have.
+const MAX_HEAD: usize = 64 << 10;
+/// First read of an answer: a head and, for most Matrix answers, the body.
+const FIRST_READ: usize = 8 << 10;
+/// The largest read while streaming a body.
+const MAX_READ: usize = 64 << 10;
+/// The longest chunk-size line or trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4 << 10;
+const MAX_TRAILERS: usize = 16 << 10;
+
+/// A connection to a worker: its inbound Unix socket or TCP listener.
+#[derive(Debug)]
+pub enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl Conn {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Conn::Unix(s) => s.poll_read_ready(cx),
+            Conn::Tcp(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    /// Whether an idle connection can take a request: nothing to read on
+    /// it (the worker neither closed it nor sent anything unasked). Costs
+    /// a system call only when the socket was seen readable.
+    pub fn still_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
+        // Readiness may be left over from the last answer: a read says.
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        matches!(Pin::new(self).poll_read(&mut cx, &mut buf), Poll::Pending)
+    }
+
+    /// Waits until the worker sent something (or closed), holding no buffer.
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.readable().await,
+            Conn::Tcp(s) => s.readable().await,
+        }
+    }
+
+    /// Reads what is there into `buf`, growing it by up to `want` bytes.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        if buf.capacity() - buf.len() < want.min(1024) {
+            buf.reserve(want);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
+
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_into(cx, buf, want)).await
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Unix(s) => Pin::new(s).poll_write(cx, b),
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, b),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How a request's body is framed on the way to the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body.
+    Empty,
+    /// `Content-Length` as the client declared it; the body as it comes.
+    Length,
+    /// A body of unknown length (an HTTP/2 client sent no length).
+    Chunked,
+}
+
+impl RequestFraming {
+    /// Decides from the client's headers and whether its body already ended.
+    pub fn of(headers: &HeaderMap, body_ended: bool) -> RequestFraming {
+        if headers.contains_key(CONTENT_LENGTH) {
+            RequestFraming::Length
+        } else if body_ended {
+            RequestFraming::Empty
+        } else {
+            RequestFraming::Chunked
+        }
+    }
+}
+
+/// The request line and headers as the worker gets them. The headers are
+/// the proxy's (hop-by-hop ones already gone); `Expect` is dropped because
+/// the edge already answered `100 Continue` to the client.
+pub fn encode_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + target.len() + headers.len() * 32);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == http::header::EXPECT || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Empty if matches!(*method, Method::POST | Method::PUT | Method::PATCH) => {
+            out.extend_from_slice(b"content-length: 0\r\n")
+        }
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Body data framed for the wire: as is, or as one chunk.
+pub fn framed(data: &Bytes, framing: RequestFraming) -> (SmallVec<[u8; 20]>, &'static [u8]) {
+    match framing {
+        RequestFraming::Chunked if !data.is_empty() => {
+            // Hex length and CRLF: at most 16 digits.
+            let mut size: SmallVec<[u8; 20]> = SmallVec::new();
+            let n = data.len();
+            let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+            for shift in (0..digits).rev() {
+                size.push(b"0123456789abcdef"[(n >> (shift * 4)) & 0xf]);
+            }
+            size.extend_from_slice(b"\r\n");
+            (size, b"\r\n")
+        }
+        _ => (SmallVec::new(), b""),
+    }
+}
+
+/// How far writing a list of slices got.
+#[derive(Debug, Default)]
+pub struct Cursor {
+    index: usize,
+    offset: usize,
+}
+
+/// Writes every slice, in as few system calls as the socket allows.
+/// `written` counts what the socket took, so a failure can tell whether
+/// the worker may have seen any of the request.
+pub fn poll_write_slices(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    bufs: &[&[u8]],
+    at: &mut Cursor,
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    loop {
+        while at.index < bufs.len() && bufs[at.index].len() == at.offset {
+            at.index += 1;
+            at.offset = 0;
+        }
+        if at.index == bufs.len() {
+            return Poll::Ready(Ok(()));
+        }
+        let slices: SmallVec<[IoSlice<'_>; 5]> =
+            std::iter::once(IoSlice::new(&bufs[at.index][at.offset..]))
+                .chain(bufs[at.index + 1..].iter().map(|b| IoSlice::new(b)))
+                .collect();
+        let mut n = match Pin::new(&mut *conn).poll_write_vectored(cx, &slices) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => n,
+        };
+        *written += n;
+        while n > 0 {
+            let left = bufs[at.index].len() - at.offset;
+            if n < left {
+                at.offset += n;
+                n = 0;
+            } else {
+                n -= left;
+                at.index += 1;
+                at.offset = 0;
+            }
+        }
+    }
+}
+
+pub async fn write_all(conn: &mut Conn, bufs: &[&[u8]], written: &mut usize) -> io::Result<()> {
+    let mut at = Cursor::default();
+    std::future::poll_fn(|cx| poll_write_slices(conn, cx, bufs, &mut at, written)).await
+}
+
+/// Whether the worker answered (or closed the connection) while the
+/// request body is still going out, as it may to refuse an upload: what it
+/// sent is read into `buf` for [`read_head`].
+pub fn poll_early_answer(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<()>> {
+    if conn.poll_read_ready(cx).is_pending() {
+        return Poll::Pending;
+    }
+    // Readiness may be left over from the last answer: a read says.
+    conn.poll_read_into(cx, buf, FIRST_READ).map_ok(|_| ())
+}
+
+/// Why an answer could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("the worker closed the connection without answering")]
+    ClosedBeforeAnswer,
+    #[error("the worker's answer ended early")]
+    ClosedEarly,
+    #[error("reading the worker's answer: {0}")]
+    Io(#[from] io::Error),
+    #[error("the worker's answer is not valid HTTP/1.1: {0}")]
+    Invalid(&'static str),
+}
+
+/// An answer's head, its body framing, and whether the connection may take
+/// another request afterwards.
+#[derive(Debug)]
+pub struct AnswerHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub framing: BodyFraming,
+    pub keep_alive: bool,
+}
+
+/// How an answer's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(ChunkState),
+    /// Until the worker closes the connection.
+    UntilClose,
+}
+
+/// Reads the answer's head into `buf`; what follows it stays in `buf`.
+/// Interim (1xx) answers are skipped. Nothing is allocated until the worker
+/// sends something.
+pub async fn read_head(
+    conn: &mut Conn,
+    buf: &mut BytesMut,
+    request_method: &Method,
+) -> Result<AnswerHead, AnswerError> {
+    let mut any = false;
+    loop {
+        if !buf.is_empty() {
+            match parse_head(buf, request_method)? {
+                Some(head) if head.status.is_informational() => continue,
+                Some(head) => return Ok(head),
+                None if buf.len() >= MAX_HEAD => {
+                    return Err(AnswerError::Invalid("head too large"));
+                }
+                None => {}
+            }
+        }
+        if buf.capacity() == 0 {
+            conn.readable().await?;
+        }
+        let n = conn.read_into(buf, FIRST_READ).await?;
+        if n == 0 {
+            return Err(if any {
+                AnswerError::ClosedEarly
+            } else {
+                AnswerError::ClosedBeforeAnswer
+            });
+        }
+        any = true;
+    }
+}
+
+/// Parses a complete head at the start of `buf` and removes it; `None` if
+/// more bytes are needed.
+fn parse_head(
+    buf: &mut BytesMut,
+    request_method: &Method,
+) -> Result<Option<AnswerHead>, AnswerError> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut lines);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(AnswerError::Invalid("too many headers"));
+        }
+        Err(_) => return Err(AnswerError::Invalid("malformed head")),
+    };
+    let code = parsed.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| AnswerError::Invalid("bad status code"))?;
+    let http10 = parsed.version == Some(0);
+    // Header values point into the head: keep them as slices of it.
+    let start = buf.as_ptr() as usize;
+    let mut spans: SmallVec<[(HeaderName, usize, usize); 24]> = SmallVec::new();
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| AnswerError::Invalid("bad header name"))?;
+        let at = h.value.as_ptr() as usize - start;
+        spans.push((name, at, at + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(AnswerError::Invalid("unexpected protocol switch"));
+        }
+        return Ok(Some(AnswerHead {
+            status,
+            headers: HeaderMap::new(),
+            framing: BodyFraming::Length(0),
+            keep_alive: true,
+        }));
+    }
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut encoded = false;
+    let mut keep_alive = !http10;
+    for (name, from, to) in spans {
+        let value = HeaderValue::from_maybe_shared(head.slice(from..to))
+            .map_err(|_| AnswerError::Invalid("bad header value"))?;
+        if name == CONTENT_LENGTH {
+            let n = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(AnswerError::Invalid("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(AnswerError::Invalid("conflicting content-length"));
+            }
+            length = Some(n);
+        } else if name == TRANSFER_ENCODING {
+            encoded = true;
+            // Chunked must be the last coding applied.
+            chunked = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == http::header::CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                    keep_alive = true;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let bodiless = *request_method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        BodyFraming::Length(0)
+    } else if encoded {
+        // RFC 9112 6.3: Transfer-Encoding wins over Content-Length, which
+        // must then not be passed on.
+        headers.remove(CONTENT_LENGTH);
+        if chunked {
+            BodyFraming::Chunked(ChunkState::Size)
+        } else {
+            BodyFraming::UntilClose
+        }
+    } else if let Some(n) = length {
+        BodyFraming::Length(n)
+    } else {
+        BodyFraming::UntilClose
+    };
+    if framing == BodyFraming::UntilClose {
+        keep_alive = false;
+    }
+    Ok(Some(AnswerHead {
+        status,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    Done,
+}
+
+/// What decoding the buffered bytes gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    NeedMore,
+    Done,
+}
+
+impl BodyFraming {
+    /// Takes the next piece of body out of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, AnswerError> {
+        match self {
+            BodyFraming::Length(0) => Ok(Decoded::Done),
+            BodyFraming::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                Ok(Decoded::Data(buf.split_to(n).freeze()))
+            }
+            BodyFraming::UntilClose => {
+                if buf.is_empty() {
+                    Ok(Decoded::NeedMore)
+                } else {
+                    Ok(Decoded::Data(buf.split().freeze()))
+                }
+            }
+            BodyFraming::Chunked(state) => state.decode(buf),
+        }
+    }
+
+    /// Bytes left when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            BodyFraming::Length(n) => Some(*n),
+            BodyFraming::Chunked(ChunkState::Done) => Some(0),
+            _ => None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.remaining() == Some(0)
+    }
+}
+
+impl ChunkState {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, AnswerError> {
+        loop {
+            match *self {
+                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        *self = if size == 0 {
+                            ChunkState::Trailers
+                        } else {
+                            ChunkState::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                        return Err(AnswerError::Invalid("chunk size line too long"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                    Err(_) => return Err(AnswerError::Invalid("bad chunk size")),
+                },
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = left.min(buf.len() as u64) as usize;
+                    *self = if n as u64 == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - n as u64)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(AnswerError::Invalid("chunk not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    // Trailers are read and dropped: Synapse sends none.
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if buf.len() > MAX_TRAILERS {
+                            return Err(AnswerError::Invalid("trailers too large"));
+                        }
+                        return Ok(Decoded::NeedMore);
+                    };
+                    buf.advance(end + 2);
+                    if end == 0 {
+                        *self = ChunkState::Done;
+                    }
+                }
+                ChunkState::Done => return Ok(Decoded::Done),
+            }
+        }
+    }
+}
+
+/// How much to read next for a body with this much left.
+pub fn read_size(framing: &BodyFraming) -> usize {
+    match framing.remaining() {
+        Some(n) => (n as usize).clamp(1024, MAX_READ),
+        None => MAX_READ / 4,
+    }
+}
+
+/// Reads more of a body into `buf`.
+pub(crate) fn poll_more(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    conn.poll_read_into(cx, buf, want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(
+        framing: &mut BodyFraming,
+        wire: &[u8],
+        step: usize,
+    ) -> Result<Vec<u8>, AnswerError> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match framing.decode(&mut buf)? {
+                Decoded::Data(d) => out.extend_from_slice(&d),
+                Decoded::Done => return Ok(out),
+                Decoded::NeedMore if fed < wire.len() => {
+                    let end = (fed + step).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+                Decoded::NeedMore => return Err(AnswerError::ClosedEarly),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads_look_like() {
+        let wire = b"5\r\nhello\r\n1;ext=1\r\n \r\nA\r\n0123456789\r\n0\r\nx-trailer: y\r\n\r\n";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let mut f = BodyFraming::Chunked(ChunkState::Size);
+            assert_eq!(
+                decode_all(&mut f, wire, step).unwrap(),
+                b"hello 0123456789",
+                "step {step}"
+            );
+            assert!(f.is_done());
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused_not_guessed() {
+        for wire in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloXX0\r\n\r\n"] {
+            let mut f = BodyFraming::Chunked(ChunkState::Size);
+            assert!(matches!(
+                decode_all(&mut f, wire, 4),
+                Err(AnswerError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_length_body_stops_at_its_length() {
+        let mut f = BodyFraming::Length(5);
+        let mut buf = BytesMut::from(&b"helloEXTRA"[..]);
+        assert_eq!(
+            f.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"hello"))
+        );
+        assert!(f.is_done());
+        assert_eq!(&buf[..], b"EXTRA");
+    }
+
+    fn head(wire: &[u8], method: Method) -> AnswerHead {
+        let mut buf = BytesMut::from(wire);
+        parse_head(&mut buf, &method).unwrap().unwrap()
+    }
+
+    #[test]
+    fn answer_framing_follows_rfc_9112() {
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!((h.framing, h.keep_alive), (BodyFraming::Length(12), true));
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(h.framing, BodyFraming::Chunked(ChunkState::Size));
+        assert!(
+            h.headers.get(CONTENT_LENGTH).is_none(),
+            "a length beside chunked is not passed on"
+        );
+        let h = head(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET);
+        assert_eq!((h.framing, h.keep_alive), (BodyFraming::UntilClose, false));
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+            Method::HEAD,
+        );
+        assert_eq!(h.framing, BodyFraming::Length(0));
+        let h = head(b"HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET);
+        assert_eq!((h.framing, h.keep_alive), (BodyFraming::Length(0), true));
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            Method::GET,
+        );
+        assert!(!h.keep_alive);
+        let h = head(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", Method::GET);
+        assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn a_head_is_incomplete_until_its_blank_line() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"[..]);
+        assert!(parse_head(&mut buf, &Method::GET).unwrap().is_none());
+        buf.extend_from_slice(b"\r\nhi");
+        let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(h.headers["content-length"], "2");
+        assert_eq!(&buf[..], b"hi");
+    }
+
+    #[test]
+    fn conflicting_lengths_are_refused() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
+        );
+        assert!(parse_head(&mut buf, &Method::GET).is_err());
+    }
+
+    #[test]
+    fn request_heads_carry_the_framing_the_body_needs() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("example.org"));
+        h.insert("expect", HeaderValue::from_static("100-continue"));
+        let text = |f| String::from_utf8(encode_head(&Method::PUT, "/a?b", &h, f)).unwrap();
+        assert_eq!(
+            text(RequestFraming::Empty),
+            "PUT /a?b HTTP/1.1\r\nhost: example.org\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert_eq!(
+            text(RequestFraming::Chunked),
+            "PUT /a?b HTTP/1.1\r\nhost: example.org\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let (size, end) = framed(
+            &Bytes::from_static(b"0123456789abcdefX"),
+            RequestFraming::Chunked,
+        );
+        assert_eq!((&size[..], end), (&b"11\r\n"[..], &b"\r\n"[..]));
+    }
+}
