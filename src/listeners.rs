@@ -433,25 +433,37 @@ async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: Conn
             };
             serve_conn(stream, client, ctx).await;
         }
-        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => {
-                ctx.proxy.metrics().tls_handshakes.inc();
-                let client = ClientConn {
-                    peer,
-                    scheme: "https",
-                    role: conn.role,
-                };
-                serve_conn(tls, client, ctx).await;
-            }
-            Ok(Err(e)) => {
-                ctx.proxy.metrics().tls_handshake_errors.inc();
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            }
-            Err(_) => {
-                ctx.proxy.metrics().tls_handshake_errors.inc();
-                tracing::debug!(%peer, "TLS handshake timed out");
-            }
-        },
+        // Boxed: a TLS connection's state is twice a plain one's, and
+        // inline every plain connection's task would be sized for it.
+        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, peer, conn.role, ctx)).await,
+    }
+}
+
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    peer: IpAddr,
+    role: Arc<ListenerRole>,
+    ctx: ConnContext,
+) {
+    match tokio::time::timeout(ctx.header_read, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            ctx.proxy.metrics().tls_handshakes.inc();
+            let client = ClientConn {
+                peer,
+                scheme: "https",
+                role,
+            };
+            serve_conn(tls, client, ctx).await;
+        }
+        Ok(Err(e)) => {
+            ctx.proxy.metrics().tls_handshake_errors.inc();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            ctx.proxy.metrics().tls_handshake_errors.inc();
+            tracing::debug!(%peer, "TLS handshake timed out");
+        }
     }
 }
 

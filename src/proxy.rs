@@ -523,28 +523,72 @@ impl Snapshot {
 
     /// One try at one worker, with the response timeout counted from the
     /// request body's last progress (an upload is never cut while it flows).
-    async fn attempt(
+    fn attempt<'a>(
         &self,
         worker: WorkerId,
         pq: PathAndQuery,
         req: Request<RequestBody>,
         timeout: Duration,
-        progress: &BodyProgress,
-    ) -> Result<Response<crate::upstream::PooledBody>, AttemptError> {
-        let send = self.upstreams.send(worker, pq, req);
-        tokio::pin!(send);
-        loop {
-            let last = progress.last_activity();
-            tokio::select! {
-                r = &mut send => return r.map_err(AttemptError::Upstream),
-                _ = tokio::time::sleep_until(last + timeout) => {
-                    if progress.last_activity() > last {
-                        continue;
-                    }
-                    return Err(AttemptError::TimedOut);
-                }
-            }
+        progress: &'a BodyProgress,
+    ) -> impl Future<Output = Result<Response<crate::upstream::PooledBody>, AttemptError>> + 'a
+    {
+        // Not an async fn: the request moves straight into the send future
+        // instead of being kept twice in a parked request's state.
+        answer_within(self.upstreams.send(worker, pq, req), timeout, progress)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Waits for `send`, with the response timeout counted from the
+    /// request body's last progress (an upload is never cut while it
+    /// flows). A hand-written future, not an async fn: that would keep
+    /// `send` twice in every waiting request's state.
+    struct AnswerWithin<'a, F> {
+        #[pin]
+        send: F,
+        #[pin]
+        deadline: tokio::time::Sleep,
+        last: Instant,
+        timeout: Duration,
+        progress: &'a BodyProgress,
+    }
+}
+
+fn answer_within<F>(send: F, timeout: Duration, progress: &BodyProgress) -> AnswerWithin<'_, F> {
+    let last = progress.last_activity();
+    AnswerWithin {
+        send,
+        deadline: tokio::time::sleep_until(last + timeout),
+        last,
+        timeout,
+        progress,
+    }
+}
+
+impl<F> Future for AnswerWithin<'_, F>
+where
+    F: Future<Output = Result<Response<crate::upstream::PooledBody>, UpstreamError>>,
+{
+    type Output = Result<Response<crate::upstream::PooledBody>, AttemptError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let mut this = self.project();
+        if let std::task::Poll::Ready(r) = this.send.poll(cx) {
+            return std::task::Poll::Ready(r.map_err(AttemptError::Upstream));
         }
+        while this.deadline.as_mut().poll(cx).is_ready() {
+            let last = this.progress.last_activity();
+            if last <= *this.last {
+                return std::task::Poll::Ready(Err(AttemptError::TimedOut));
+            }
+            // The body moved since: the wait starts again from then.
+            *this.last = last;
+            this.deadline.as_mut().reset(last + *this.timeout);
+        }
+        std::task::Poll::Pending
     }
 }
 

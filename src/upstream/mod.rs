@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
@@ -149,7 +149,7 @@ impl WorkerConns {
 
     /// A health check on a connection of its own: never one of the pool's
     /// (whose owner may be another serving thread), never kept.
-    async fn probe(&self, req: Request<RequestBody>) -> Result<bool, UpstreamError> {
+    async fn probe(&self, req: Outgoing) -> Result<bool, UpstreamError> {
         let conn = Box::pin(self.open())
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -163,8 +163,8 @@ impl WorkerConns {
     /// Sends a request on a pooled connection, or a new one. A request that
     /// a stale pooled connection could not take is sent again on another.
     async fn send(
-        self: &Arc<Self>,
-        mut req: Request<RequestBody>,
+        self: Arc<Self>,
+        mut req: Outgoing,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
             let (conn, reused) = match self.take_idle() {
@@ -173,7 +173,7 @@ impl WorkerConns {
                 // every parked request would carry its size.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match exchange(conn, req, Some(self)).await {
+            match exchange(conn, req, Some(&self)).await {
                 Ok(resp) => return Ok(resp),
                 // Not a byte taken: the pooled connection was gone already.
                 Err((e, Some(back))) if reused => {
@@ -188,16 +188,81 @@ impl WorkerConns {
     }
 }
 
+/// A request on its way to a worker. Boxed: it is handed down through
+/// several futures, and each would otherwise keep room for it in every
+/// waiting request's state.
+type Outgoing = Box<Request<RequestBody>>;
+
 /// What a failed exchange gives back: the error, and the request when the
 /// connection took none of it.
-type ExchangeError = (UpstreamError, Option<Request<RequestBody>>);
+type ExchangeError = (UpstreamError, Option<Outgoing>);
 
 /// One request and its answer's head on `conn`.
 async fn exchange(
     mut conn: Conn,
-    mut req: Request<RequestBody>,
+    req: Outgoing,
     pool: Option<&Arc<WorkerConns>>,
 ) -> Result<Response<PooledBody>, ExchangeError> {
+    let mut buf = BytesMut::new();
+    // Boxed: sending needs the request and its framing state, waiting for
+    // the answer needs neither; a parked long-poll then holds only what
+    // waiting takes.
+    let sent = Box::pin(send_request(&mut conn, req, &mut buf)).await?;
+    let answer = h1::read_head(&mut conn, &mut buf, &sent.method);
+    let head = match sent.broken {
+        None => answer.await,
+        // Refused mid-body: the answer is there already, or not at all.
+        Some(_) => tokio::time::timeout(EARLY_ANSWER_WAIT, answer)
+            .await
+            .unwrap_or(Err(AnswerError::ClosedBeforeAnswer)),
+    };
+    let broken = sent.broken.is_some();
+    let head = match (head, sent.broken) {
+        (Ok(head), _) => head,
+        (Err(_), Some(e)) => return Err((UpstreamError::Failed(e), None)),
+        (Err(e), None) => return Err((UpstreamError::Failed(e.to_string()), None)),
+    };
+    // A connection whose request body was cut short cannot be reused.
+    let reusable = head.keep_alive && !broken && !sent.answered_early;
+    let back = pool.cloned().filter(|_| reusable);
+    let mut resp = Response::new(PooledBody { reading: None });
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    if head.framing.is_done() {
+        if buf.is_empty()
+            && let Some(pool) = back
+        {
+            pool.put_back(conn);
+        }
+        return Ok(resp);
+    }
+    // Whatever of the body came with the head is handed out first.
+    resp.body_mut().reading = Some(Reading {
+        conn,
+        buf,
+        framing: head.framing,
+        back,
+    });
+    Ok(resp)
+}
+
+/// How sending a request ended, when it did not fail outright.
+struct Sent {
+    /// The request's method: a HEAD answer has no body.
+    method: Method,
+    /// The worker answered before taking the whole body.
+    answered_early: bool,
+    /// Writing the body failed; the worker may have answered first.
+    broken: Option<String>,
+}
+
+/// Writes the request head and streams its body, unless the worker answers
+/// first (refusing an upload, say): then what it sent is in `buf`.
+async fn send_request(
+    conn: &mut Conn,
+    mut req: Outgoing,
+    buf: &mut BytesMut,
+) -> Result<Sent, ExchangeError> {
     let failed = |what: &str, e: &dyn std::fmt::Display| -> ExchangeError {
         (UpstreamError::Failed(format!("{what}: {e}")), None)
     };
@@ -230,7 +295,7 @@ async fn exchange(
     tokio::task::yield_now().await;
     let (size, end) = h1::framed(&first, framing);
     let last = last_chunk(body_done, framing);
-    let sent = h1::write_all(&mut conn, &[&head, &size, &first, end, last], &mut written).await;
+    let sent = h1::write_all(conn, &[&head, &size, &first, end, last], &mut written).await;
     drop(head);
     if let Err(e) = sent {
         // Nothing taken: the worker saw nothing and the request is whole.
@@ -240,16 +305,16 @@ async fn exchange(
             back,
         ));
     }
-    // Only the method matters from here on (a HEAD answer has no body);
-    // a parked long-poll keeps nothing else of its request.
-    let (http::request::Parts { method, .. }, mut body) = req.into_parts();
-    // The rest of the body, unless the worker answers first (refusing an
-    // upload, say): then what it sent is in `buf`.
-    let mut buf = BytesMut::new();
-    let mut answered_early = false;
+    // Only the method matters from here on.
+    let (http::request::Parts { method, .. }, mut body) = (*req).into_parts();
+    let mut sent = Sent {
+        method,
+        answered_early: false,
+        broken: None,
+    };
     while !body_done {
         let frame = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = h1::poll_early_answer(&mut conn, cx, &mut buf) {
+            if let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
                 return Poll::Ready(Err(r));
             }
             Pin::new(&mut body).poll_frame(cx).map(Ok)
@@ -257,7 +322,7 @@ async fn exchange(
         .await;
         let data = match frame {
             Err(Ok(())) => {
-                answered_early = true;
+                sent.answered_early = true;
                 break;
             }
             Err(Err(e)) => return Err(failed("reading while sending", &e)),
@@ -279,78 +344,32 @@ async fn exchange(
         let bufs = [&size[..], &data[..], end, last_chunk(body_done, framing)];
         let mut at = h1::Cursor::default();
         let wrote = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = h1::poll_early_answer(&mut conn, cx, &mut buf) {
+            if let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
                 return Poll::Ready(Err(r));
             }
-            h1::poll_write_slices(&mut conn, cx, &bufs, &mut at, &mut written).map(Ok)
+            h1::poll_write_slices(conn, cx, &bufs, &mut at, &mut written).map(Ok)
         })
         .await;
         match wrote {
             Ok(Ok(())) => {}
             Err(Ok(())) => {
-                answered_early = true;
+                sent.answered_early = true;
                 break;
             }
             Err(Err(e)) => return Err(failed("reading while sending", &e)),
             // The worker may have answered and closed before reading it
             // all: its answer, if any, is still there to read.
             Ok(Err(e)) => {
-                let answer = tokio::time::timeout(
-                    EARLY_ANSWER_WAIT,
-                    h1::read_head(&mut conn, &mut buf, &method),
-                );
-                match answer.await {
-                    Ok(Ok(head)) => return Ok(answer_without_reuse(head, conn, buf)),
-                    _ => return Err(failed("writing the request body", &e)),
-                }
+                sent.broken = Some(format!("writing the request body: {e}"));
+                break;
             }
         }
     }
-    drop(body);
-    let head = h1::read_head(&mut conn, &mut buf, &method)
-        .await
-        .map_err(|e| (UpstreamError::Failed(e.to_string()), None))?;
-    // A connection whose request body was cut short cannot be reused.
-    let back = pool.cloned().filter(|_| head.keep_alive && !answered_early);
-    let mut resp = Response::new(PooledBody { reading: None });
-    *resp.status_mut() = head.status;
-    *resp.headers_mut() = head.headers;
-    if head.framing.is_done() {
-        if buf.is_empty()
-            && let Some(pool) = back
-        {
-            pool.put_back(conn);
-        }
-        return Ok(resp);
-    }
-    // Whatever of the body came with the head is handed out first.
-    resp.body_mut().reading = Some(Reading {
-        conn,
-        buf,
-        framing: head.framing,
-        back,
-    });
-    Ok(resp)
+    Ok(sent)
 }
 
 /// How long to look for a worker's answer after it stopped taking the body.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
-
-/// An answer on a connection that will not be reused.
-fn answer_without_reuse(head: h1::AnswerHead, conn: Conn, buf: BytesMut) -> Response<PooledBody> {
-    let mut resp = Response::new(PooledBody { reading: None });
-    *resp.status_mut() = head.status;
-    *resp.headers_mut() = head.headers;
-    if !head.framing.is_done() {
-        resp.body_mut().reading = Some(Reading {
-            conn,
-            buf,
-            framing: head.framing,
-            back: None,
-        });
-    }
-    resp
-}
 
 /// The end of a chunked body, once its last data is out.
 fn last_chunk(body_done: bool, framing: RequestFraming) -> &'static [u8] {
@@ -539,17 +558,20 @@ impl Upstreams {
 
     /// Sends a request to a worker; the request target is `path_and_query`
     /// exactly as the client sent it.
-    pub async fn send(
+    pub fn send(
         &self,
         worker: WorkerId,
         path_and_query: PathAndQuery,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let Some(Some(pool)) = self.pools.get(worker.0 as usize) else {
-            return Err(UpstreamError::BadTarget);
-        };
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + 'static {
+        use futures_util::future::{Either, ready};
+        // Not an async fn: the request moves straight into the pool's
+        // future instead of being kept twice in a parked request's state.
         *req.uri_mut() = Uri::from(path_and_query);
-        pool.send(req).await
+        match self.pools.get(worker.0 as usize).cloned().flatten() {
+            Some(pool) => Either::Left(pool.send(Box::new(req))),
+            None => Either::Right(ready(Err(UpstreamError::BadTarget))),
+        }
     }
 }
 
@@ -564,7 +586,7 @@ impl Upstreams {
         let Some(Some(pool)) = self.pools.get(worker.0 as usize) else {
             return Err(UpstreamError::BadTarget);
         };
-        pool.probe(req).await
+        pool.probe(Box::new(req)).await
     }
 }
 
