@@ -531,6 +531,9 @@ where
     loop {
         let idle_at = activity.idle_deadline(ctx.idle);
         tokio::select! {
+            // The connection first: it is what wakes this task nearly
+            // always (and no random branch order to draw per wake).
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "client connection ended with an error");

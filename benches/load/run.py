@@ -304,6 +304,12 @@ def upload(name, port, pids, blob):
 def main():
     if not EDGE.exists():
         raise SystemExit("build first: cargo build --release")
+    for name, port in PORT.items():
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            raise SystemExit(f"port {port} ({name}) is taken: another benchmark (or its leftovers) still runs")
+        except OSError:
+            pass
     run = Path(tempfile.mkdtemp(prefix="synapse-edge-bench."))
     for d in ("wtmp", "ptmp"):
         (run / d).mkdir()

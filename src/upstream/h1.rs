@@ -357,9 +357,16 @@ fn parse_head(
     buf: &mut BytesMut,
     request_method: &Method,
 ) -> Result<Option<AnswerHead>, AnswerError> {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut lines);
-    let len = match parsed.parse(buf) {
+    // Uninitialised: zeroing 128 header slots per answer showed in profiles.
+    let mut lines =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parsing = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut lines,
+    );
+    let len = match parsing {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
