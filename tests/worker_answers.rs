@@ -31,6 +31,9 @@ enum Script {
     /// Send these bytes as soon as the head is in, without reading the
     /// body, then close.
     RefuseBody(&'static [u8]),
+    /// Send these bytes as soon as the head is in, then read the body (as
+    /// Nginx's `return` does) and keep the connection.
+    AnswerThenRead(&'static [u8]),
     /// Answer, keep the connection for this long, then close it.
     AnswerThenDropAfter(&'static [u8], Duration),
 }
@@ -96,6 +99,14 @@ async fn serve(mut conn: UnixStream, id: usize, script: fn(&str) -> Script, log:
             let _ = conn.write_all(answer).await;
             return;
         }
+        let early = if let Script::AnswerThenRead(answer) = script {
+            if conn.write_all(answer).await.is_err() {
+                return;
+            }
+            true
+        } else {
+            false
+        };
         let length = lower
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
@@ -140,6 +151,9 @@ async fn serve(mut conn: UnixStream, id: usize, script: fn(&str) -> Script, log:
             0
         };
         log.lock().unwrap().push((id, line, body));
+        if early {
+            continue;
+        }
         match script {
             Script::Answer(a) => {
                 if conn.write_all(a).await.is_err() {
@@ -155,7 +169,7 @@ async fn serve(mut conn: UnixStream, id: usize, script: fn(&str) -> Script, log:
                 tokio::time::sleep(after).await;
                 return;
             }
-            Script::RefuseBody(_) => unreachable!(),
+            Script::RefuseBody(_) | Script::AnswerThenRead(_) => unreachable!(),
         }
     }
 }
@@ -367,5 +381,52 @@ async fn an_answer_cut_short_never_reaches_the_client_as_complete() {
     assert!(
         !matches!(outcome, Some(Ok(_))),
         "the client must see the answer fail, not a short body: {outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upload_answered_with_success_before_its_end_is_still_sent_whole() {
+    let (h, worker) = edge_with_scripted("media1", |_| {
+        Script::AnswerThenRead(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+    })
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    tokio::spawn(async move {
+        for _ in 0..128 {
+            if tx
+                .send(Ok(Frame::data(Bytes::from(vec![7u8; 65536]))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let req = http::Request::post(format!("{}/_matrix/media/v3/upload", h.base))
+        .header("content-length", (8u64 << 20).to_string())
+        .body(StreamBody::new(tokio_stream_from(rx)))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client.request(req).await.expect("the upload goes through");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _ = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    // The worker read all of it, and the connection stays usable.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while worker.requests().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(worker.requests()[0].2, 8 << 20);
+    let a = h
+        .send("POST", "/_matrix/media/v3/upload", &[], b"small")
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let reqs = worker.requests();
+    assert_eq!(reqs[1].2, 5);
+    assert_eq!(
+        reqs[0].0, reqs[1].0,
+        "the same connection carries the next upload"
     );
 }

@@ -268,19 +268,49 @@ pub async fn write_all(conn: &mut Conn, bufs: &[&[u8]], written: &mut usize) -> 
     std::future::poll_fn(|cx| poll_write_slices(conn, cx, bufs, &mut at, written)).await
 }
 
-/// Whether the worker answered (or closed the connection) while the
-/// request body is still going out, as it may to refuse an upload: what it
-/// sent is read into `buf` for [`read_head`].
+/// Whether the worker sent something (or closed the connection: 0) while
+/// the request body is still going out, as it may to refuse an upload:
+/// what it sent is read into `buf` for [`read_head`].
 pub fn poll_early_answer(
     conn: &mut Conn,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
-) -> Poll<io::Result<()>> {
+) -> Poll<io::Result<usize>> {
     if conn.poll_read_ready(cx).is_pending() {
         return Poll::Pending;
     }
     // Readiness may be left over from the last answer: a read says.
-    conn.poll_read_into(cx, buf, FIRST_READ).map_ok(|_| ())
+    conn.poll_read_into(cx, buf, FIRST_READ)
+}
+
+/// What an answer that came while the body was still going out means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Early {
+    /// An error status, or the connection closed: the worker takes no more.
+    Refused,
+    /// An interim or successful status: the worker reads the body on.
+    ReadsOn,
+    /// Too little of it yet to tell.
+    Unknown,
+}
+
+/// Judges an early answer by its status line (`read` is what the last read
+/// gave: 0 when the worker closed the connection).
+pub fn early_verdict(buf: &[u8], read: usize) -> Early {
+    if read == 0 {
+        return Early::Refused;
+    }
+    match buf {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', _, b' ', class, ..] if buf.len() >= 12 => {
+            if matches!(class, b'1' | b'2' | b'3') {
+                Early::ReadsOn
+            } else {
+                Early::Refused
+            }
+        }
+        _ if buf.len() >= 12 => Early::Refused,
+        _ => Early::Unknown,
+    }
 }
 
 /// Why an answer could not be read.

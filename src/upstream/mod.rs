@@ -312,25 +312,38 @@ async fn send_request(
         answered_early: false,
         broken: None,
     };
-    while !body_done {
-        let frame = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
-                return Poll::Ready(Err(r));
+    // Whether an answer arriving now could mean the worker refuses the
+    // rest: until one shows it does not (a 1xx-3xx status: the worker reads
+    // on, as Nginx's `return` does, and the body goes on to the end).
+    let mut watch = true;
+    'body: while !body_done {
+        let frame = loop {
+            let polled = std::future::poll_fn(|cx| {
+                if watch && let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
+                    return Poll::Ready(Err(r));
+                }
+                Pin::new(&mut body).poll_frame(cx).map(Ok)
+            })
+            .await;
+            match polled {
+                Ok(frame) => break frame,
+                Err(Err(e)) => return Err(failed("reading while sending", &e)),
+                Err(Ok(n)) => match h1::early_verdict(buf, n) {
+                    h1::Early::Refused => {
+                        sent.answered_early = true;
+                        break 'body;
+                    }
+                    h1::Early::ReadsOn => watch = false,
+                    h1::Early::Unknown => {}
+                },
             }
-            Pin::new(&mut body).poll_frame(cx).map(Ok)
-        })
-        .await;
+        };
         let data = match frame {
-            Err(Ok(())) => {
-                sent.answered_early = true;
-                break;
-            }
-            Err(Err(e)) => return Err(failed("reading while sending", &e)),
-            Ok(None) => {
+            None => {
                 body_done = true;
                 Bytes::new()
             }
-            Ok(Some(Ok(frame))) => match frame.into_data() {
+            Some(Ok(frame)) => match frame.into_data() {
                 Ok(d) if !d.is_empty() => {
                     body_done = body.is_end_stream();
                     d
@@ -338,30 +351,36 @@ async fn send_request(
                 // Trailers are not passed on: Synapse reads none.
                 _ => continue,
             },
-            Ok(Some(Err(e))) => return Err(failed("reading the request body", &e)),
+            Some(Err(e)) => return Err(failed("reading the request body", &e)),
         };
         let (size, end) = h1::framed(&data, framing);
         let bufs = [&size[..], &data[..], end, last_chunk(body_done, framing)];
         let mut at = h1::Cursor::default();
-        let wrote = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
-                return Poll::Ready(Err(r));
-            }
-            h1::poll_write_slices(conn, cx, &bufs, &mut at, &mut written).map(Ok)
-        })
-        .await;
-        match wrote {
-            Ok(Ok(())) => {}
-            Err(Ok(())) => {
-                sent.answered_early = true;
-                break;
-            }
-            Err(Err(e)) => return Err(failed("reading while sending", &e)),
-            // The worker may have answered and closed before reading it
-            // all: its answer, if any, is still there to read.
-            Ok(Err(e)) => {
-                sent.broken = Some(format!("writing the request body: {e}"));
-                break;
+        loop {
+            let wrote = std::future::poll_fn(|cx| {
+                if watch && let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
+                    return Poll::Ready(Err(r));
+                }
+                h1::poll_write_slices(conn, cx, &bufs, &mut at, &mut written).map(Ok)
+            })
+            .await;
+            match wrote {
+                Ok(Ok(())) => break,
+                Err(Ok(n)) => match h1::early_verdict(buf, n) {
+                    h1::Early::Refused => {
+                        sent.answered_early = true;
+                        break 'body;
+                    }
+                    h1::Early::ReadsOn => watch = false,
+                    h1::Early::Unknown => {}
+                },
+                Err(Err(e)) => return Err(failed("reading while sending", &e)),
+                // The worker may have answered and closed before reading it
+                // all: its answer, if any, is still there to read.
+                Ok(Err(e)) => {
+                    sent.broken = Some(format!("writing the request body: {e}"));
+                    break 'body;
+                }
             }
         }
     }
