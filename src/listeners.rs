@@ -213,6 +213,10 @@ impl Threaded {
                 .spawn(move || {
                     crate::upstream::set_serving_thread(i + 1);
                     let rt = match tokio::runtime::Builder::new_current_thread()
+                        // Look for new I/O every 8 task polls, not 61: the
+                        // same throughput, a tighter tail (load benchmark,
+                        // HTTP p99 2.15 -> 1.78 ms, HTTPS 2.08 -> 1.90 ms).
+                        .event_interval(SERVING_EVENT_INTERVAL)
                         .enable_all()
                         .build()
                     {
@@ -269,6 +273,9 @@ pub struct ServerSettings {
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
 }
+
+/// Task polls between two looks at the I/O driver on a serving thread.
+const SERVING_EVENT_INTERVAL: u32 = 8;
 
 /// What one connection is doing, for the idle timeout.
 struct Activity {
