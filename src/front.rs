@@ -140,15 +140,62 @@ impl AdminGuard {
     }
 }
 
+/// Whether normalising `raw` could not change its segments, nor its first
+/// two segments' spelling.
+fn structure_is_plain(raw: &str) -> bool {
+    if raw.contains('\\') || raw.contains("//") || raw.contains("/.") {
+        return false;
+    }
+    let bytes = raw.as_bytes();
+    // Where the third segment starts: escapes before it are not plain.
+    let third = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'/')
+        .nth(2)
+        .map_or(bytes.len(), |(i, _)| i);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if i < third {
+                return false;
+            }
+            let decoded = match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| h << 4 | l),
+                _ => None,
+            };
+            match decoded {
+                Some(b'.' | b'/' | b'\\' | b'%') | None => return false,
+                Some(_) => i += 3,
+            }
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
 /// Whether a raw path could reach Synapse's admin API. Decided on the path
 /// normalised far beyond what Synapse does (percent-decoding until stable,
 /// empty and `.` segments dropped, `..` applied, case folded), so that no
 /// spelling of it slips past; refusing an odd path that would not have
 /// reached the admin API costs nothing.
 pub fn is_admin_path(raw: &str) -> bool {
-    // Fast path, no allocation: a path without escapes, backslashes, empty
-    // or dot segments is judged on its first two segments as they stand.
-    if !raw.contains(['%', '\\']) && !raw.contains("//") && !raw.contains("/.") {
+    // Fast path, no allocation: a path whose segments cannot change under
+    // normalisation (no backslashes, empty or dot segments, and no escape
+    // that decodes to one of `./\\%`, none at all in the first two segments,
+    // so `%21room%3Aexample.org` passes) is judged on its first two segments
+    // as they stand.
+    if structure_is_plain(raw) {
         let mut segs = raw.split('/').skip(1);
         return matches!((segs.next(), segs.next()), (Some(a), Some(b))
             if a.eq_ignore_ascii_case("_synapse") && b.trim().eq_ignore_ascii_case("admin"));
@@ -342,6 +389,11 @@ mod tests {
             "/_synapse/admin%20/v1",
             "/_synapse\\admin/v1",
             "/_synapse/x/../admin/v1/users",
+            // Escaped dots and slashes deep in the path climb back up.
+            "/_matrix/client/v3/rooms/%2e%2e/%2E%2E/%2e%2e/%2e%2e/_synapse/admin/v1/users",
+            "/_matrix/client/%2F..%2F..%2F_synapse/admin/v1/users",
+            "/_matrix/client/v3/rooms/%252e%252e/%2e%2e/%2e%2e/%2e%2e/_synapse/admin/v1",
+            "/_matrix/client/v3/rooms/%zz/../../../../../_synapse/admin",
         ] {
             assert!(is_admin_path(p), "{p} slipped past");
         }
@@ -349,6 +401,9 @@ mod tests {
             "/_synapse/client/pick_idp",
             "/_matrix/client/v3/sync",
             "/_synapse/adminx",
+            // A room ID's escapes leave the path's structure alone.
+            "/_matrix/client/v3/rooms/%21room%3Aexample.org/messages",
+            "/_matrix/client/v3/rooms/%21room%3Aexample.org/send/m.room.message/t%2Fx",
         ] {
             assert!(!is_admin_path(p), "{p} wrongly caught");
         }

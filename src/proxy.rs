@@ -15,7 +15,7 @@ use http::header::{
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
@@ -42,10 +42,53 @@ pub struct Snapshot {
     pub upstreams: Upstreams,
     pub health: Arc<HealthTable>,
     pub max_body: u64,
+    /// Metric series per pool and per worker, looked up once per snapshot
+    /// rather than by label per request.
+    series: Series,
+}
+
+/// One snapshot's metric series, by `PoolId` and `WorkerId`.
+struct Series {
+    pools: Vec<PoolSeries>,
+    picks: Vec<IntCounter>,
+}
+
+struct PoolSeries {
+    in_flight: IntGauge,
+    request_body_bytes: IntCounter,
+    response_body_bytes: IntCounter,
+}
+
+impl Series {
+    fn of(state: &EdgeState, m: &Metrics) -> Series {
+        Series {
+            pools: state
+                .topology
+                .pools
+                .iter()
+                .map(|p| PoolSeries {
+                    in_flight: m.in_flight.with_label_values(&[&p.name]),
+                    request_body_bytes: m.request_body_bytes.with_label_values(&[&p.name]),
+                    response_body_bytes: m.response_body_bytes.with_label_values(&[&p.name]),
+                })
+                .collect(),
+            picks: state
+                .topology
+                .workers
+                .iter()
+                .map(|w| m.picks.with_label_values(&[&w.name]))
+                .collect(),
+        }
+    }
 }
 
 impl Snapshot {
-    fn build(state: EdgeState, clients: Arc<Clients>, health: HealthTable) -> Snapshot {
+    fn build(
+        state: EdgeState,
+        clients: Arc<Clients>,
+        health: HealthTable,
+        m: &Metrics,
+    ) -> Snapshot {
         let max_body = state
             .edge
             .limits
@@ -54,6 +97,7 @@ impl Snapshot {
             .or(state.synapse.max_upload_size)
             .unwrap_or(DEFAULT_MAX_BODY);
         Snapshot {
+            series: Series::of(&state, m),
             upstreams: Upstreams::new(&state.topology, clients),
             health: Arc::new(health),
             state: Arc::new(state),
@@ -97,7 +141,12 @@ impl Proxy {
         ));
         let health = HealthTable::new(&state.topology);
         Proxy {
-            current: ArcSwap::from_pointee(Snapshot::build(state, clients.clone(), health)),
+            current: ArcSwap::from_pointee(Snapshot::build(
+                state,
+                clients.clone(),
+                health,
+                &metrics,
+            )),
             clients,
             metrics,
         }
@@ -119,6 +168,7 @@ impl Proxy {
             state,
             self.clients.clone(),
             health,
+            &self.metrics,
         )));
     }
 
@@ -161,8 +211,11 @@ impl Proxy {
         m.request_duration
             .with_label_values(&[route])
             .observe(start.elapsed().as_secs_f64());
-        if served.worker.is_some() {
-            m.picks.with_label_values(&[worker]).inc();
+        if let Some(c) = served
+            .worker
+            .and_then(|w| snap.series.picks.get(w.0 as usize))
+        {
+            c.inc();
         }
         let on_end = access.map(|line| {
             let done = AccessDone {
@@ -175,7 +228,13 @@ impl Proxy {
             };
             Box::new(move |bytes| line.emit(done, bytes)) as Box<dyn FnOnce(u64) + Send>
         });
-        let counter = m.response_body_bytes.with_label_values(&[pool]);
+        let counter = match served
+            .route
+            .and_then(|r| snap.series.pools.get(r.pool.0 as usize))
+        {
+            Some(series) => series.response_body_bytes.clone(),
+            None => m.response_body_bytes.with_label_values(&[pool]),
+        };
         resp.map(|b| b.tapped(Tap::new(Some(counter), on_end)))
     }
 }
@@ -371,7 +430,8 @@ impl Snapshot {
         let (route, pool, key_hash) = (routed.route, routed.pool, routed.key_hash);
         served.route = Some(route);
         served.pool = Some(pool);
-        let _in_flight = InFlight::new(m.in_flight.with_label_values(&[&pool.name]));
+        let series = &self.series.pools[route.pool.0 as usize];
+        let _in_flight = InFlight::new(series.in_flight.clone());
         // The key's live workers in its preference order, then main when
         // main may serve the route.
         let candidates = state.candidates(pool, key_hash);
@@ -420,7 +480,7 @@ impl Snapshot {
         );
 
         let progress = BodyProgress::new();
-        let body_bytes = m.request_body_bytes.with_label_values(&[&pool.name]);
+        let body_bytes = &series.request_body_bytes;
         let mut body = Some(body);
         let mut last_error = None;
         for (i, &worker) in order.iter().enumerate() {
