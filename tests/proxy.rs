@@ -495,3 +495,48 @@ async fn a_long_poll_is_not_an_idle_connection() {
         .await;
     assert_eq!(a.status, StatusCode::OK);
 }
+
+/// Sends a GET with `extra` header lines on a fresh connection; the status.
+async fn status_with_headers(h: &Harness, extra: usize) -> String {
+    let mut s = tokio::net::TcpStream::connect(h.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let mut req = String::from(
+        "GET /_matrix/client/versions HTTP/1.1\r\nhost: edge\r\nconnection: close\r\n",
+    );
+    for i in 0..extra {
+        req.push_str(&format!("x-extra-{i}: {i}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn requests_with_more_header_lines_than_the_limit_are_refused() {
+    // hyper's limit (100) unless configured.
+    let h = Harness::start("").await;
+    assert!(
+        status_with_headers(&h, 90)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        status_with_headers(&h, 120)
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+    let h = Harness::start("limits:\n  max_headers: 10\n").await;
+    assert!(status_with_headers(&h, 5).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        status_with_headers(&h, 20)
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+}
