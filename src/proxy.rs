@@ -12,7 +12,6 @@ use http::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
     STRICT_TRANSPORT_SECURITY,
 };
-use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus::{IntCounter, IntGauge};
@@ -29,7 +28,7 @@ use crate::routes::Route;
 use crate::state::{EdgeState, RequestView};
 use crate::topology::WorkerId;
 use crate::topology::WorkerPool;
-use crate::upstream::{Clients, UpstreamError, Upstreams};
+use crate::upstream::{Clients, Head, UpstreamError, Upstreams};
 
 /// The default body limit, Synapse's default `max_upload_size`.
 pub const DEFAULT_MAX_BODY: u64 = 50 << 20;
@@ -472,7 +471,13 @@ impl Snapshot {
         strip_hop_by_hop(&mut parts.headers);
         set_forwarded(&mut parts.headers, client, conn.scheme);
         let method = parts.method;
-        let mut headers = parts.headers;
+        let headers = parts.headers;
+        // Borrowed by every attempt: a retry needs no copy of it.
+        let head = Head {
+            method: &method,
+            target: pq.as_str(),
+            headers: &headers,
+        };
         // Retried after a response was lost only when repeating is harmless.
         let idempotent = matches!(
             method,
@@ -519,22 +524,13 @@ impl Snapshot {
             // Only the access log shows the worker's time: no clock read
             // per request without it.
             let sent_at = edge.access_log.then(Instant::now);
-            let mut req = Request::new(RequestBody::new(
+            let body = RequestBody::new(
                 unsent,
                 self.max_body,
                 progress.clone(),
                 Some(body_bytes.clone()),
-            ));
-            *req.method_mut() = method.clone();
-            *req.headers_mut() = if last {
-                std::mem::take(&mut headers)
-            } else {
-                headers.clone()
-            };
-            match self
-                .attempt(worker, pq.clone(), req, timeout, &progress)
-                .await
-            {
+            );
+            match self.attempt(worker, &head, body, timeout, &progress).await {
                 Ok(resp) => {
                     served.upstream = sent_at.map(|t| t.elapsed());
                     let (mut parts, body) = resp.into_parts();
@@ -588,15 +584,15 @@ impl Snapshot {
     fn attempt<'a>(
         &self,
         worker: WorkerId,
-        pq: PathAndQuery,
-        req: Request<RequestBody>,
+        head: &'a Head<'a>,
+        body: RequestBody,
         timeout: Duration,
         progress: &'a BodyProgress,
     ) -> impl Future<Output = Result<Response<crate::upstream::PooledBody>, AttemptError>> + 'a
     {
-        // Not an async fn: the request moves straight into the send future
+        // Not an async fn: the body moves straight into the send future
         // instead of being kept twice in a parked request's state.
-        answer_within(self.upstreams.send(worker, pq, req), timeout, progress)
+        answer_within(self.upstreams.send(worker, head, body), timeout, progress)
     }
 }
 
@@ -759,23 +755,21 @@ impl Snapshot {
                 let id = WorkerId(i as u32);
                 // Host as `curl --unix-socket` sends it: HTTP/1.1 servers
                 // in front of Synapse may insist on one.
-                let req = Request::get("/health")
-                    .header(HOST, "localhost")
-                    .body(RequestBody::empty());
-                let ok = match req {
-                    Ok(req) => {
-                        let started = Instant::now();
-                        let ok = matches!(
-                            tokio::time::timeout(settings.timeout, self.upstreams.probe(id, req)).await,
-                            Ok(Ok(true))
-                        );
-                        m.health_check_duration
-                            .with_label_values(&[&w.name])
-                            .observe(started.elapsed().as_secs_f64());
-                        ok
-                    }
-                    Err(_) => false,
+                let mut headers = HeaderMap::new();
+                headers.insert(HOST, HeaderValue::from_static("localhost"));
+                let head = Head {
+                    method: &Method::GET,
+                    target: "/health",
+                    headers: &headers,
                 };
+                let started = Instant::now();
+                let ok = matches!(
+                    tokio::time::timeout(settings.timeout, self.upstreams.probe(id, &head)).await,
+                    Ok(Ok(true))
+                );
+                m.health_check_duration
+                    .with_label_values(&[&w.name])
+                    .observe(started.elapsed().as_secs_f64());
                 let transition = self.health.observe(id, ok, settings);
                 m.worker_up
                     .with_label_values(&[&w.name])

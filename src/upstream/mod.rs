@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri};
+use http::{HeaderMap, Method, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
@@ -149,11 +148,13 @@ impl WorkerConns {
 
     /// A health check on a connection of its own: never one of the pool's
     /// (whose owner may be another serving thread), never kept.
-    async fn probe(&self, req: Outgoing) -> Result<bool, UpstreamError> {
+    async fn probe(&self, head: &Head<'_>) -> Result<bool, UpstreamError> {
         let conn = Box::pin(self.open())
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        let resp = exchange(conn, req, None).await.map_err(|(e, _)| e)?;
+        let resp = exchange(conn, head, RequestBody::empty(), None)
+            .await
+            .map_err(|(e, _)| e)?;
         let ok = resp.status().is_success();
         // Read the (tiny) body so the worker sees a clean exchange.
         let _ = resp.into_body().collect().await;
@@ -164,7 +165,8 @@ impl WorkerConns {
     /// a stale pooled connection could not take is sent again on another.
     async fn send(
         self: Arc<Self>,
-        mut req: Outgoing,
+        head: &Head<'_>,
+        mut body: RequestBody,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
             let (conn, reused) = match self.take_idle() {
@@ -173,12 +175,12 @@ impl WorkerConns {
                 // every parked request would carry its size.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match exchange(conn, req, Some(&self)).await {
+            match exchange(conn, head, body, Some(&self)).await {
                 Ok(resp) => return Ok(resp),
                 // Not a byte taken: the pooled connection was gone already.
                 Err((e, Some(back))) if reused => {
                     tracing::debug!(worker = %self.name, cause = %e, "stale pooled connection; sending on another");
-                    req = back;
+                    body = back;
                 }
                 // A new connection that takes nothing: as good as refused.
                 Err((e, Some(_))) => return Err(UpstreamError::Connect(e.to_string())),
@@ -188,28 +190,34 @@ impl WorkerConns {
     }
 }
 
-/// A request on its way to a worker. Boxed: it is handed down through
-/// several futures, and each would otherwise keep room for it in every
-/// waiting request's state.
-type Outgoing = Box<Request<RequestBody>>;
+/// A request's head on its way to a worker, borrowed from the proxy, which
+/// keeps it for a retry on another worker (no copy per attempt).
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub method: &'a Method,
+    /// The request target exactly as the client sent it.
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+}
 
-/// What a failed exchange gives back: the error, and the request when the
-/// connection took none of it.
-type ExchangeError = (UpstreamError, Option<Outgoing>);
+/// What a failed exchange gives back: the error, and the body when the
+/// connection took none of the request.
+type ExchangeError = (UpstreamError, Option<RequestBody>);
 
 /// One request and its answer's head on `conn`.
 async fn exchange(
     mut conn: Conn,
-    req: Outgoing,
+    head: &Head<'_>,
+    body: RequestBody,
     pool: Option<&Arc<WorkerConns>>,
 ) -> Result<Response<PooledBody>, ExchangeError> {
     let mut buf = BytesMut::new();
     // Boxed: sending needs the request and its framing state, waiting for
     // the answer needs neither; a parked long-poll then holds only what
     // waiting takes.
-    let sent = Box::pin(send_request(&mut conn, req, &mut buf)).await?;
-    let answer = h1::read_head(&mut conn, &mut buf, &sent.method);
-    let head = match sent.broken {
+    let sent = Box::pin(send_request(&mut conn, head, body, &mut buf)).await?;
+    let answer = h1::read_head(&mut conn, &mut buf, head.method);
+    let got = match sent.broken {
         None => answer.await,
         // Refused mid-body: the answer is there already, or not at all.
         Some(_) => tokio::time::timeout(EARLY_ANSWER_WAIT, answer)
@@ -217,18 +225,18 @@ async fn exchange(
             .unwrap_or(Err(AnswerError::ClosedBeforeAnswer)),
     };
     let broken = sent.broken.is_some();
-    let head = match (head, sent.broken) {
-        (Ok(head), _) => head,
+    let answer = match (got, sent.broken) {
+        (Ok(answer), _) => answer,
         (Err(_), Some(e)) => return Err((UpstreamError::Failed(e), None)),
         (Err(e), None) => return Err((UpstreamError::Failed(e.to_string()), None)),
     };
     // A connection whose request body was cut short cannot be reused.
-    let reusable = head.keep_alive && !broken && !sent.answered_early;
+    let reusable = answer.keep_alive && !broken && !sent.answered_early;
     let back = pool.cloned().filter(|_| reusable);
     let mut resp = Response::new(PooledBody { reading: None });
-    *resp.status_mut() = head.status;
-    *resp.headers_mut() = head.headers;
-    if head.framing.is_done() {
+    *resp.status_mut() = answer.status;
+    *resp.headers_mut() = answer.headers;
+    if answer.framing.is_done() {
         if buf.is_empty()
             && let Some(pool) = back
         {
@@ -240,7 +248,7 @@ async fn exchange(
     resp.body_mut().reading = Some(Reading {
         conn,
         buf,
-        framing: head.framing,
+        framing: answer.framing,
         back,
     });
     Ok(resp)
@@ -248,8 +256,6 @@ async fn exchange(
 
 /// How sending a request ended, when it did not fail outright.
 struct Sent {
-    /// The request's method: a HEAD answer has no body.
-    method: Method,
     /// The worker answered before taking the whole body.
     answered_early: bool,
     /// Writing the body failed; the worker may have answered first.
@@ -260,15 +266,15 @@ struct Sent {
 /// first (refusing an upload, say): then what it sent is in `buf`.
 async fn send_request(
     conn: &mut Conn,
-    mut req: Outgoing,
+    head: &Head<'_>,
+    mut body: RequestBody,
     buf: &mut BytesMut,
 ) -> Result<Sent, ExchangeError> {
     let failed = |what: &str, e: &dyn std::fmt::Display| -> ExchangeError {
         (UpstreamError::Failed(format!("{what}: {e}")), None)
     };
-    let framing = RequestFraming::of(req.headers(), req.body().is_end_stream());
-    let target = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-    let head = h1::encode_head(req.method(), target, req.headers(), framing);
+    let framing = RequestFraming::of(head.headers, body.is_end_stream());
+    let encoded = h1::encode_head(head.method, head.target, head.headers, framing);
     let mut written = 0;
     // A body already here (a small JSON event, typically) goes out with the
     // head in one write.
@@ -276,11 +282,11 @@ async fn send_request(
     let mut took_first = false;
     let mut body_done = framing == RequestFraming::Empty;
     if !body_done {
-        match req.body_mut().frame().now_or_never() {
+        match body.frame().now_or_never() {
             Some(Some(Ok(frame))) => {
                 took_first = true;
                 first = frame.into_data().unwrap_or_default();
-                body_done = req.body().is_end_stream();
+                body_done = body.is_end_stream();
             }
             Some(None) => body_done = true,
             Some(Some(Err(e))) => return Err(failed("reading the request body", &e)),
@@ -295,20 +301,17 @@ async fn send_request(
     tokio::task::yield_now().await;
     let (size, end) = h1::framed(&first, framing);
     let last = last_chunk(body_done, framing);
-    let sent = h1::write_all(conn, &[&head, &size, &first, end, last], &mut written).await;
-    drop(head);
+    let sent = h1::write_all(conn, &[&encoded, &size, &first, end, last], &mut written).await;
+    drop(encoded);
     if let Err(e) = sent {
         // Nothing taken: the worker saw nothing and the request is whole.
-        let back = (written == 0 && !took_first).then_some(req);
+        let back = (written == 0 && !took_first).then_some(body);
         return Err((
             UpstreamError::Failed(format!("writing the request: {e}")),
             back,
         ));
     }
-    // Only the method matters from here on.
-    let (http::request::Parts { method, .. }, mut body) = (*req).into_parts();
     let mut sent = Sent {
-        method,
         answered_early: false,
         broken: None,
     };
@@ -575,20 +578,18 @@ impl Upstreams {
         }
     }
 
-    /// Sends a request to a worker; the request target is `path_and_query`
-    /// exactly as the client sent it.
-    pub fn send(
+    /// Sends a request to a worker.
+    pub fn send<'a>(
         &self,
         worker: WorkerId,
-        path_and_query: PathAndQuery,
-        mut req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + 'static {
+        head: &'a Head<'a>,
+        body: RequestBody,
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + 'a {
         use futures_util::future::{Either, ready};
-        // Not an async fn: the request moves straight into the pool's
-        // future instead of being kept twice in a parked request's state.
-        *req.uri_mut() = Uri::from(path_and_query);
+        // Not an async fn: the body moves straight into the pool's future
+        // instead of being kept twice in a parked request's state.
         match self.pools.get(worker.0 as usize).cloned().flatten() {
-            Some(pool) => Either::Left(pool.send(Box::new(req))),
+            Some(pool) => Either::Left(pool.send(head, body)),
             None => Either::Right(ready(Err(UpstreamError::BadTarget))),
         }
     }
@@ -597,15 +598,11 @@ impl Upstreams {
 impl Upstreams {
     /// `GET /health` on a fresh connection to the worker: `Ok(true)` when
     /// it answers 2xx.
-    pub async fn probe(
-        &self,
-        worker: WorkerId,
-        req: Request<RequestBody>,
-    ) -> Result<bool, UpstreamError> {
+    pub async fn probe(&self, worker: WorkerId, head: &Head<'_>) -> Result<bool, UpstreamError> {
         let Some(Some(pool)) = self.pools.get(worker.0 as usize) else {
             return Err(UpstreamError::BadTarget);
         };
-        pool.probe(Box::new(req)).await
+        pool.probe(head).await
     }
 }
 
