@@ -167,8 +167,9 @@ async fn fifty_mib_upload_and_download_stream_through_with_flat_memory() {
         "edge RSS before: {} KiB, peak during 2 x 50 MiB: {peak} KiB, growth {growth_mib:.1} MiB",
         baseline
     );
+    // Under 8 MiB, the performance issue's bound (measured: about 0.5 MiB).
     assert!(
-        growth_mib < 12.0,
+        growth_mib < 8.0,
         "edge memory grew {growth_mib:.1} MiB for a 50 MiB body"
     );
 }
