@@ -264,7 +264,9 @@ def long_polls(name, port, pids, run):
             await asyncio.sleep(0.1)
         parked = connected_to(sock) - before
         rss = status_kib(pids, "VmRSS")
+        c0 = cpu_seconds(pids)
         short = await asyncio.get_running_loop().run_in_executor(None, lambda: wrk(port, seconds=max(5, SECONDS // 2)))
+        short["cpu_us_per_request"] = (cpu_seconds(pids) - c0) / short["requests"] * 1e6
         # Idle keep-alive connections stay open; only the parked ones must go.
         idle = connected_to(sock) - parked
         for _, w in conns:
@@ -280,9 +282,11 @@ def long_polls(name, port, pids, run):
 
     parked, rss, short, left, gone_after = asyncio.run(scenario())
     r = {"parked": parked, "rss_per_parked_kib": (rss - base) / max(parked, 1), "short_p99_us": short["p99_us"],
-         "short_rps": short["rps"], "left_after_clients_vanish": left, "cancel_seconds": gone_after}
+         "short_rps": short["rps"], "short_cpu_us_per_request": short["cpu_us_per_request"],
+         "left_after_clients_vanish": left, "cancel_seconds": gone_after}
     print(f"  {name:10} parked {parked}  RSS/parked {r['rss_per_parked_kib']:.1f} KiB  short p99 meanwhile "
-          f"{short['p99_us']/1000:.2f} ms  upstream left {left} after {gone_after:.2f} s", flush=True)
+          f"{short['p99_us']/1000:.2f} ms ({short['rps']:.0f} rps, cpu {short['cpu_us_per_request']:.1f} us/req)  "
+          f"upstream left {left} after {gone_after:.2f} s", flush=True)
     return r
 
 

@@ -319,27 +319,16 @@ async fn send_request(
     // rest: until one shows it does not (a 1xx-3xx status: the worker reads
     // on, as Nginx's `return` does, and the body goes on to the end).
     let mut watch = true;
-    'body: while !body_done {
-        let frame = loop {
-            let polled = std::future::poll_fn(|cx| {
-                if watch && let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
-                    return Poll::Ready(Err(r));
-                }
-                Pin::new(&mut body).poll_frame(cx).map(Ok)
-            })
-            .await;
-            match polled {
-                Ok(frame) => break frame,
-                Err(Err(e)) => return Err(failed("reading while sending", &e)),
-                Err(Ok(n)) => match h1::early_verdict(buf, n) {
-                    h1::Early::Refused => {
-                        sent.answered_early = true;
-                        break 'body;
-                    }
-                    h1::Early::ReadsOn => watch = false,
-                    h1::Early::Unknown => {}
-                },
-            }
+    while !body_done {
+        let next = watching(conn, buf, &mut watch, |_, cx| {
+            Pin::new(&mut body).poll_frame(cx)
+        });
+        let Some(frame) = next
+            .await
+            .map_err(|e| failed("reading while sending", &e))?
+        else {
+            sent.answered_early = true;
+            break;
         };
         let data = match frame {
             None => {
@@ -359,35 +348,57 @@ async fn send_request(
         let (size, end) = h1::framed(&data, framing);
         let bufs = [&size[..], &data[..], end, last_chunk(body_done, framing)];
         let mut at = h1::Cursor::default();
-        loop {
-            let wrote = std::future::poll_fn(|cx| {
-                if watch && let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
-                    return Poll::Ready(Err(r));
-                }
-                h1::poll_write_slices(conn, cx, &bufs, &mut at, &mut written).map(Ok)
-            })
-            .await;
-            match wrote {
-                Ok(Ok(())) => break,
-                Err(Ok(n)) => match h1::early_verdict(buf, n) {
-                    h1::Early::Refused => {
-                        sent.answered_early = true;
-                        break 'body;
-                    }
-                    h1::Early::ReadsOn => watch = false,
-                    h1::Early::Unknown => {}
-                },
-                Err(Err(e)) => return Err(failed("reading while sending", &e)),
-                // The worker may have answered and closed before reading it
-                // all: its answer, if any, is still there to read.
-                Ok(Err(e)) => {
-                    sent.broken = Some(format!("writing the request body: {e}"));
-                    break 'body;
-                }
+        let write = watching(conn, buf, &mut watch, |conn, cx| {
+            h1::poll_write_slices(conn, cx, &bufs, &mut at, &mut written)
+        });
+        match write
+            .await
+            .map_err(|e| failed("reading while sending", &e))?
+        {
+            Some(Ok(())) => {}
+            None => {
+                sent.answered_early = true;
+                break;
+            }
+            // The worker may have answered and closed before reading it
+            // all: its answer, if any, is still there to read.
+            Some(Err(e)) => {
+                sent.broken = Some(format!("writing the request body: {e}"));
+                break;
             }
         }
     }
     Ok(sent)
+}
+
+/// Drives `step` to completion while watching for the worker answering
+/// meanwhile: `None` when that answer refuses the rest of the body (see
+/// [`h1::early_verdict`]); once an answer shows the worker reads on, it
+/// stops watching and what it read stays in `buf` for [`h1::read_head`].
+async fn watching<T>(
+    conn: &mut Conn,
+    buf: &mut BytesMut,
+    watch: &mut bool,
+    mut step: impl FnMut(&mut Conn, &mut Context<'_>) -> Poll<T>,
+) -> std::io::Result<Option<T>> {
+    loop {
+        let polled = std::future::poll_fn(|cx| {
+            if *watch && let Poll::Ready(r) = h1::poll_early_answer(conn, cx, buf) {
+                return Poll::Ready(Err(r));
+            }
+            step(conn, cx).map(Ok)
+        })
+        .await;
+        match polled {
+            Ok(out) => return Ok(Some(out)),
+            Err(Err(e)) => return Err(e),
+            Err(Ok(n)) => match h1::early_verdict(buf, n) {
+                h1::Early::Refused => return Ok(None),
+                h1::Early::ReadsOn => *watch = false,
+                h1::Early::Unknown => {}
+            },
+        }
+    }
 }
 
 /// How long to look for a worker's answer after it stopped taking the body.
