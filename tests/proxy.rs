@@ -540,3 +540,40 @@ async fn requests_with_more_header_lines_than_the_limit_are_refused() {
             .starts_with("HTTP/1.1 431")
     );
 }
+
+#[tokio::test]
+async fn a_client_expecting_100_continue_is_told_to_send_and_its_body_arrives() {
+    let h = Harness::start("").await;
+    let mut s = tokio::net::TcpStream::connect(h.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let body = vec![b'x'; 4096];
+    s.write_all(
+        format!(
+            "POST /_matrix/media/v3/upload HTTP/1.1\r\nhost: edge\r\ncontent-length: {}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The edge answers 100 at once (curl would otherwise wait a second).
+    let mut interim = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_millis(500), s.read(&mut interim))
+        .await
+        .expect("100 Continue within half a second")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&interim[..n]).starts_with("HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim[..n])
+    );
+    s.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The worker got the whole body, and no Expect of its own to answer.
+    assert!(answer.contains("\"body_bytes\":4096"), "{answer}");
+    assert!(!answer.contains("\"expect\""), "{answer}");
+}
