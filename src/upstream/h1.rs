@@ -615,22 +615,21 @@ impl ChunkState {
     }
 }
 
-/// How much to read next for a body with this much left.
-pub fn read_size(framing: &BodyFraming) -> usize {
-    match framing.remaining() {
-        Some(n) => (n as usize).clamp(1024, MAX_READ),
-        None => MAX_READ / 4,
+impl Conn {
+    /// Reads more of an answer's body into `buf`, as much as its framing
+    /// lets be useful (up to 64 KiB at a time).
+    pub fn poll_read_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        framing: &BodyFraming,
+    ) -> Poll<io::Result<usize>> {
+        let want = match framing.remaining() {
+            Some(n) => (n as usize).clamp(1024, MAX_READ),
+            None => MAX_READ / 4,
+        };
+        self.poll_read_into(cx, buf, want)
     }
-}
-
-/// Reads more of a body into `buf`.
-pub(crate) fn poll_more(
-    conn: &mut Conn,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-    want: usize,
-) -> Poll<io::Result<usize>> {
-    conn.poll_read_into(cx, buf, want)
 }
 
 #[cfg(test)]

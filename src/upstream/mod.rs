@@ -156,8 +156,11 @@ impl WorkerConns {
             .await
             .map_err(|(e, _)| e)?;
         let ok = resp.status().is_success();
-        // Read the (tiny) body so the worker sees a clean exchange.
-        let _ = resp.into_body().collect().await;
+        // Read the (tiny) body so the worker sees a clean exchange; a worker
+        // answering with more than a health check's worth is not read on.
+        let _ = http_body_util::Limited::new(resp.into_body(), PROBE_BODY_LIMIT)
+            .collect()
+            .await;
         Ok(ok)
     }
 
@@ -189,6 +192,9 @@ impl WorkerConns {
         }
     }
 }
+
+/// The most of a health check's answer body that is read.
+const PROBE_BODY_LIMIT: usize = 64 << 10;
 
 /// A request's head on its way to a worker, borrowed from the proxy, which
 /// keeps it for a retry on another worker (no copy per attempt).
@@ -481,8 +487,7 @@ impl Body for PooledBody {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            let want = h1::read_size(&r.framing);
-            match h1::poll_more(&mut r.conn, cx, &mut r.buf, want) {
+            match r.conn.poll_read_body(cx, &mut r.buf, &r.framing) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => {
                     let until_close = r.framing == BodyFraming::UntilClose;
