@@ -60,16 +60,66 @@ impl BodyProgress {
     }
 }
 
+/// A client's request body: none, read by the edge's own HTTP/1 server
+/// from the connection, or an HTTP/2 stream's (hyper's).
+#[derive(Debug)]
+pub enum ClientBody {
+    Empty,
+    H1(crate::listeners::h1::ConnBody),
+    H2(Incoming),
+}
+
+/// Why reading a client's body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error(transparent)]
+    H1(#[from] std::io::Error),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body as yet unsent to the next worker: a copy of what an
 /// earlier attempt sent, then the rest still to read from the client.
 #[derive(Debug)]
 pub struct Unsent {
     prefix: Bytes,
-    rest: Option<Incoming>,
+    rest: Option<ClientBody>,
 }
 
-impl From<Incoming> for Unsent {
-    fn from(body: Incoming) -> Self {
+impl From<ClientBody> for Unsent {
+    fn from(body: ClientBody) -> Self {
         Unsent {
             prefix: Bytes::new(),
             rest: Some(body),
@@ -83,7 +133,7 @@ pub enum RequestBodyError {
     #[error("request body exceeds the limit of {0} bytes")]
     TooLarge(u64),
     #[error("reading the request body from the client: {0}")]
-    Client(#[from] hyper::Error),
+    Client(#[from] ClientBodyError),
 }
 
 /// A client's request body streamed to a worker, cut off past `limit`.
@@ -93,7 +143,7 @@ pub enum RequestBodyError {
 #[derive(Debug)]
 pub struct RequestBody {
     prefix: Bytes,
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     kept: Option<BytesMut>,
     limit: u64,
     seen: u64,

@@ -13,13 +13,12 @@ use http::header::{
     STRICT_TRANSPORT_SECURITY,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use prometheus::{IntCounter, IntGauge};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::balancing::Health;
-use crate::body::{BodyProgress, RequestBody, ResponseBody, Tap, Unsent};
+use crate::body::{BodyProgress, ClientBody, RequestBody, ResponseBody, Tap, Unsent};
 use crate::config::Timeouts;
 use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
@@ -177,7 +176,11 @@ impl Proxy {
 
     /// Serves one request. Never fails: every problem becomes a response.
     /// Counts it, and taps its body for the byte count and access log.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        req: Request<ClientBody>,
+        conn: ClientConn,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let snap = self.current.load_full();
         let m = &*self.metrics;
@@ -284,7 +287,7 @@ struct AccessDone {
 }
 
 impl AccessLine {
-    fn of(req: &Request<Incoming>, json: bool) -> AccessLine {
+    fn of(req: &Request<ClientBody>, json: bool) -> AccessLine {
         let target = req.uri().path_and_query().map_or("-", |pq| pq.as_str());
         AccessLine {
             json,
@@ -361,7 +364,7 @@ pub fn redact_query(target: &str) -> String {
 impl Snapshot {
     async fn handle<'s>(
         &'s self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: &ClientConn,
         served: &mut Served<'s>,
         m: &Metrics,

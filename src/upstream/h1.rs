@@ -223,8 +223,8 @@ pub struct Cursor {
 /// Writes every slice, in as few system calls as the socket allows.
 /// `written` counts what the socket took, so a failure can tell whether
 /// the worker may have seen any of the request.
-pub fn poll_write_slices(
-    conn: &mut Conn,
+pub fn poll_write_slices<W: AsyncWrite + Unpin + ?Sized>(
+    conn: &mut W,
     cx: &mut Context<'_>,
     bufs: &[&[u8]],
     at: &mut Cursor,

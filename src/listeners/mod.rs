@@ -1,6 +1,10 @@
 //! Client-facing listeners: accept connections on TCP addresses and Unix
-//! sockets, serve HTTP/1.1 and h2c on each (hyper-util's auto server), close
-//! connections that sit idle, and drain on shutdown.
+//! sockets, complete PROXY headers and TLS handshakes, then serve HTTP/1.x
+//! with the edge's own server ([`h1`]) and HTTP/2 (by ALPN, or a cleartext
+//! client's preface) with hyper's; close connections that sit idle, and
+//! drain on shutdown.
+
+pub mod h1;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -11,10 +15,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -23,8 +28,10 @@ use tokio_util::task::TaskTracker;
 use prometheus::IntGauge;
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::ClientBody;
 use crate::front::ListenerRole;
 use crate::proxy::{ClientConn, Proxy};
+use h1::{ClientIo, Ended};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,31 +329,19 @@ pub async fn serve(
     settings: ServerSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let mut h1 = builder.http1();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_size.max(8192))
-        .keep_alive(true);
-    // hyper's own limit is 100; naming a limit, even 100, makes it set up
-    // its header slots at run time on every request (1% in profiles).
-    if settings.max_headers != HYPER_MAX_HEADERS {
-        h1.max_headers(settings.max_headers);
-    }
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_size as u32)
         .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let h2 = Arc::new(h2);
+    let settings = Arc::new(settings);
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     for listener in listeners {
         let ctx = ConnContext {
-            builder: builder.clone(),
+            h2: h2.clone(),
             proxy: proxy.clone(),
-            idle: settings.client_idle_timeout,
-            header_read: settings.header_read_timeout,
+            settings: settings.clone(),
             stop: stop_rx.clone(),
         };
         tracker.spawn(accept_loop(listener, ctx, tracker.clone()));
@@ -364,10 +359,9 @@ pub async fn serve(
 
 #[derive(Clone)]
 struct ConnContext {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    h2: Arc<http2::Builder<TokioExecutor>>,
     proxy: Arc<Proxy>,
-    idle: Duration,
-    header_read: Duration,
+    settings: Arc<ServerSettings>,
     stop: watch::Receiver<bool>,
 }
 
@@ -419,7 +413,7 @@ struct Conn {
 /// TLS handshake if it has TLS, then serves HTTP. Both steps are bounded by
 /// the header-read timeout, against clients that connect and stall.
 async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: ConnContext) {
-    let deadline = ctx.header_read;
+    let deadline = ctx.settings.header_read_timeout;
     let mut peer = conn.peer;
     if conn.role.proxy_protocol {
         let trusted = ctx.proxy.snapshot().state.edge.trusted_proxies.clone();
@@ -459,7 +453,7 @@ async fn serve_tls(
     role: Arc<ListenerRole>,
     ctx: ConnContext,
 ) {
-    match tokio::time::timeout(ctx.header_read, acceptor.accept(stream)).await {
+    match tokio::time::timeout(ctx.settings.header_read_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             ctx.proxy.metrics().tls_handshakes.inc();
             let client = ClientConn {
@@ -467,7 +461,11 @@ async fn serve_tls(
                 scheme: "https",
                 role,
             };
-            serve_conn(tls, client, ctx).await;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                serve_h2(tls, client, ctx).await;
+            } else {
+                serve_conn(tls, client, ctx).await;
+            }
         }
         Ok(Err(e)) => {
             ctx.proxy.metrics().tls_handshake_errors.inc();
@@ -492,7 +490,24 @@ async fn accept(listener: &BoundSocket) -> io::Result<Accepted> {
     }
 }
 
-async fn serve_conn<I>(io: I, client: ClientConn, ctx: ConnContext)
+/// Serves HTTP/1.x, or HTTP/2 if the client's first bytes are its preface.
+async fn serve_conn<I: ClientIo>(io: I, client: ClientConn, ctx: ConnContext) {
+    let ended = h1::serve(
+        io,
+        client.clone(),
+        &ctx.proxy,
+        &ctx.settings,
+        ctx.stop.clone(),
+    )
+    .await;
+    if let Ended::Http2(io, read) = ended {
+        serve_h2(Rewind { read, io }, client, ctx).await;
+    }
+}
+
+/// Serves HTTP/2 with hyper until the connection ends, idles out, or the
+/// edge stops.
+async fn serve_h2<I>(io: I, client: ClientConn, ctx: ConnContext)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -509,11 +524,7 @@ where
         let open = open.clone();
         service_fn(move |req: http::Request<hyper::body::Incoming>| {
             open.get_or_init(|| {
-                let protocol = if req.version() == http::Version::HTTP_2 {
-                    "h2"
-                } else {
-                    "h1"
-                };
+                let protocol = "h2";
                 let tls = if client.scheme == "https" {
                     "true"
                 } else {
@@ -531,18 +542,18 @@ where
             let proxy = proxy.clone();
             let client = client.clone();
             async move {
-                let resp = proxy.handle(req, client).await;
+                let resp = proxy.handle(req.map(ClientBody::H2), client).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             }
         })
     };
-    let conn = ctx.builder.serve_connection(TokioIo::new(io), svc);
+    let conn = ctx.h2.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let mut stop = ctx.stop.clone();
     let mut closing = false;
     loop {
-        let idle_at = activity.idle_deadline(ctx.idle);
+        let idle_at = activity.idle_deadline(ctx.settings.client_idle_timeout);
         tokio::select! {
             // The connection first: it is what wakes this task nearly
             // always (and no random branch order to draw per wake).
@@ -554,7 +565,7 @@ where
                 break;
             }
             _ = tokio::time::sleep_until(idle_at), if !closing => {
-                if activity.idle_deadline(ctx.idle) <= Instant::now() {
+                if activity.idle_deadline(ctx.settings.client_idle_timeout) <= Instant::now() {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -567,6 +578,64 @@ where
     }
     if let Some(g) = open.get() {
         g.dec();
+    }
+}
+
+/// A connection with what was already read from it put back in front.
+struct Rewind<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, b)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

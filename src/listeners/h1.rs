@@ -1,0 +1,1098 @@
+//! The client-facing HTTP/1.1 server: read a request head, hand the request
+//! to the proxy, write its answer, and again while the connection is kept
+//! alive. HTTP/2 clients are handed to hyper (see `listeners`).
+//!
+//! Why not hyper's HTTP/1 server: it allocates an 8 KiB write buffer when a
+//! connection starts and an 8 KiB read buffer at its first read, keeps both
+//! for the connection's life (a parked long-poll held 19 KiB against
+//! Nginx's 8), and passes every request body through a channel to a
+//! dispatcher. Here a connection waiting for its next request, or for a
+//! worker's answer, holds its socket and its small state and no buffer;
+//! the request body is read from the socket by whoever sends it on.
+//!
+//! What the parser refuses, because a proxy that reads a request one way
+//! while its worker reads it another is open to request smuggling (RFC 9112
+//! section 6.3, 11.2): `Transfer-Encoding` together with `Content-Length`,
+//! any transfer coding but a lone `chunked`, a `Content-Length` that is not
+//! one plain number, `Transfer-Encoding` in HTTP/1.0, obsolete line folding
+//! and spaces before a header's colon, a missing or repeated `Host`.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus::IntGauge;
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::ServerSettings;
+use crate::body::{ClientBody, ResponseBody};
+use crate::proxy::{ClientConn, Proxy, matrix_error};
+use crate::upstream::h1::{
+    BodyFraming, ChunkState, Cursor, Decoded, RequestFraming, framed, poll_write_slices,
+};
+
+/// The HTTP/2 connection preface. A cleartext client that starts with it
+/// speaks HTTP/2 from its first byte (h2c with prior knowledge).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The first read of a request: a Matrix request head, bearer token and
+/// all, is well under 1 KiB.
+const FIRST_READ: usize = 4 << 10;
+/// The largest read of a request body at a time.
+const MAX_BODY_READ: usize = 64 << 10;
+/// Header slots on the stack; a larger configured limit takes the heap.
+const STACK_HEADERS: usize = 100;
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// How long a connection closed with request body unread goes on reading
+/// (and dropping) what the client still sends: closing at once would reset
+/// the connection, and the client could lose the answer it was sent.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// A client connection's transport.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready when a read would find something (data or the client gone).
+    /// Lets a waiting connection hold no read buffer; a transport that
+    /// cannot tell without reading says "ready" at once.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ClientIo for tokio::net::TcpStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl ClientIo for tokio::net::UnixStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
+/// How a connection's HTTP/1 service ended.
+pub enum Ended<I> {
+    Closed,
+    /// The client speaks HTTP/2: its connection and what was read of it.
+    Http2(I, Bytes),
+}
+
+/// A connection's socket and what was read from it, shared between the
+/// connection's loop and the body of the request it is serving (both run
+/// in the connection's task: the lock is never contended).
+struct Shared<I> {
+    io: I,
+    /// Read and not yet used. Released (no allocation) while waiting.
+    buf: BytesMut,
+    body: BodyState,
+    /// How much of a `100 Continue` owed to the client has been sent.
+    continue_sent: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    /// The request has no body.
+    None,
+    Reading(BodyFraming),
+    Done,
+    /// Malformed, or the client left: the connection cannot go on.
+    Failed,
+}
+
+type SharedConn<I> = Mutex<Shared<I>>;
+
+fn lock<I>(conn: &SharedConn<I>) -> MutexGuard<'_, Shared<I>> {
+    conn.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves HTTP/1.x on one client connection until it closes, goes idle,
+/// the edge stops, or the client turns out to speak HTTP/2.
+pub async fn serve<I: ClientIo>(
+    io: I,
+    client: ClientConn,
+    proxy: &Proxy,
+    settings: &ServerSettings,
+    mut stop: watch::Receiver<bool>,
+) -> Ended<I> {
+    let conn = Arc::new(Mutex::new(Shared {
+        io,
+        buf: BytesMut::new(),
+        body: BodyState::None,
+        continue_sent: None,
+    }));
+    let mut open: Option<OpenConn> = None;
+    let mut first = true;
+    loop {
+        let head = match next_head(&conn, settings, first, &mut stop).await {
+            Next::Head(head) => head,
+            Next::Closed => break,
+            Next::Http2 => {
+                return match Arc::try_unwrap(conn) {
+                    Ok(m) => {
+                        let s = m.into_inner().unwrap_or_else(PoisonError::into_inner);
+                        Ended::Http2(s.io, s.buf.freeze())
+                    }
+                    Err(_) => Ended::Closed,
+                };
+            }
+            Next::Refuse(refusal) => {
+                proxy
+                    .metrics()
+                    .rejected
+                    .with_label_values(&[refusal.reason])
+                    .inc();
+                tracing::debug!(peer = %client.peer, reason = refusal.reason, "malformed request refused");
+                let resp = matrix_error(refusal.status, refusal.errcode, refusal.message);
+                if write_response(&conn, resp, Version::HTTP_11, false, false)
+                    .await
+                    .is_ok()
+                {
+                    linger(&conn).await;
+                }
+                break;
+            }
+        };
+        first = false;
+        open.get_or_insert_with(|| OpenConn::new(proxy, &client));
+        let ParsedHead {
+            method,
+            uri,
+            version,
+            headers,
+            body,
+            keep_alive,
+            expect_continue,
+        } = head;
+        let is_head = method == Method::HEAD;
+        let body = {
+            let mut s = lock(&conn);
+            s.body = match body {
+                Some(framing) if !framing.is_done() => BodyState::Reading(framing),
+                _ => BodyState::None,
+            };
+            s.continue_sent = (expect_continue && s.body != BodyState::None).then_some(0);
+            // A request waiting for its worker holds no read buffer.
+            if s.buf.is_empty() {
+                s.buf = BytesMut::new();
+            }
+            match s.body {
+                BodyState::None => ClientBody::Empty,
+                _ => ClientBody::H1(ConnBody { conn: conn.clone() }),
+            }
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        let Some(resp) = while_client_stays(&conn, proxy.handle(req, client.clone())).await else {
+            // The client left: dropping the request cancelled its exchange.
+            break;
+        };
+        let body_unread = !matches!(lock(&conn).body, BodyState::None | BodyState::Done);
+        let keep_alive = keep_alive && !body_unread && !*stop.borrow();
+        match write_response(&conn, resp, version, is_head, keep_alive).await {
+            Ok(true) if keep_alive => {}
+            Ok(_) => {
+                if body_unread {
+                    linger(&conn).await;
+                } else {
+                    shutdown(&conn).await;
+                }
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %client.peer, error = %e, "writing a response failed");
+                break;
+            }
+        }
+    }
+    Ended::Closed
+}
+
+/// Counts an open client connection once its first request came.
+struct OpenConn(IntGauge);
+
+impl OpenConn {
+    fn new(proxy: &Proxy, client: &ClientConn) -> OpenConn {
+        let tls = if client.scheme == "https" {
+            "true"
+        } else {
+            "false"
+        };
+        let g =
+            proxy
+                .metrics()
+                .client_connections
+                .with_label_values(&[&client.role.name, "h1", tls]);
+        g.inc();
+        OpenConn(g)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What waiting for the next request gave.
+enum Next {
+    Head(ParsedHead),
+    Closed,
+    Http2,
+    Refuse(Refusal),
+}
+
+/// Waits for the next request head: up to the idle timeout for its first
+/// byte (the header-read timeout on a new connection), then up to the
+/// header-read timeout for the rest. Between requests a stopping edge
+/// closes the connection.
+async fn next_head<I: ClientIo>(
+    conn: &SharedConn<I>,
+    settings: &ServerSettings,
+    first: bool,
+    stop: &mut watch::Receiver<bool>,
+) -> Next {
+    let idle_deadline = Instant::now()
+        + if first {
+            settings.header_read_timeout
+        } else {
+            settings.client_idle_timeout
+        };
+    let mut head_deadline: Option<Instant> = None;
+    loop {
+        {
+            let mut s = lock(conn);
+            if !s.buf.is_empty() {
+                if first && H2_PREFACE.starts_with(&s.buf[..s.buf.len().min(H2_PREFACE.len())]) {
+                    if s.buf.len() >= H2_PREFACE.len() {
+                        return Next::Http2;
+                    }
+                } else {
+                    match parse_head(&s.buf, settings.max_headers) {
+                        Ok(Some((head, n))) => {
+                            s.buf.advance(n);
+                            return Next::Head(head);
+                        }
+                        Ok(None) if s.buf.len() >= settings.max_header_size => {
+                            return Next::Refuse(Refusal::HEAD_TOO_LARGE);
+                        }
+                        Ok(None) => {}
+                        Err(refusal) => return Next::Refuse(refusal),
+                    }
+                }
+                head_deadline.get_or_insert_with(|| Instant::now() + settings.header_read_timeout);
+            }
+        }
+        let idle = head_deadline.is_none();
+        let deadline = head_deadline.unwrap_or(idle_deadline);
+        let limit = settings.max_header_size;
+        tokio::select! {
+            biased;
+            read = std::future::poll_fn(|cx| poll_read_head(conn, cx, limit)) => match read {
+                Ok(0) | Err(_) => return Next::Closed,
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep_until(deadline) => return Next::Closed,
+            _ = stop.wait_for(|s| *s), if idle => return Next::Closed,
+        }
+    }
+}
+
+/// Reads more of a request head. A connection with nothing buffered waits
+/// for readability before taking a buffer.
+fn poll_read_head<I: ClientIo>(
+    conn: &SharedConn<I>,
+    cx: &mut Context<'_>,
+    limit: usize,
+) -> Poll<io::Result<usize>> {
+    let mut guard = lock(conn);
+    let s = &mut *guard;
+    if s.buf.is_empty() {
+        ready!(s.io.poll_readable(cx))?;
+    }
+    if s.buf.capacity() - s.buf.len() < 512 {
+        // Doubling, but no further than the head may grow.
+        let more = s
+            .buf
+            .len()
+            .max(FIRST_READ)
+            .min(limit.saturating_sub(s.buf.len()).max(512));
+        s.buf.reserve(more);
+    }
+    let read = tokio_util::io::poll_read_buf(Pin::new(&mut s.io), cx, &mut s.buf);
+    if read.is_pending() && s.buf.is_empty() {
+        // Readiness was stale: wait without the buffer.
+        s.buf = BytesMut::new();
+    }
+    read
+}
+
+/// Runs `fut` (the proxy serving a request) unless the client leaves
+/// first: `None` then, and `fut` is dropped, cancelling the worker's
+/// exchange (a long-poll whose client is gone ends at once).
+async fn while_client_stays<I: ClientIo, F: Future>(
+    conn: &SharedConn<I>,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let mut watching = true;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if watching {
+            match poll_client_gone(conn, cx) {
+                Poll::Ready(true) => return Poll::Ready(None),
+                Poll::Ready(false) => watching = false,
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Whether the client closed its connection while its request is served.
+/// `false` once it sent more (a pipelined request, kept for later).
+fn poll_client_gone<I: ClientIo>(conn: &SharedConn<I>, cx: &mut Context<'_>) -> Poll<bool> {
+    let mut guard = lock(conn);
+    let s = &mut *guard;
+    if matches!(s.body, BodyState::Reading(_)) {
+        // The body's reader sees the client leave; and woken by the
+        // request's progress, this looks again once the body is in.
+        return Poll::Pending;
+    }
+    if !s.buf.is_empty() {
+        return Poll::Ready(false);
+    }
+    if ready!(s.io.poll_readable(cx)).is_err() {
+        return Poll::Ready(true);
+    }
+    s.buf.reserve(FIRST_READ);
+    match tokio_util::io::poll_read_buf(Pin::new(&mut s.io), cx, &mut s.buf) {
+        Poll::Pending => {
+            s.buf = BytesMut::new();
+            Poll::Pending
+        }
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(true),
+        Poll::Ready(Ok(_)) => Poll::Ready(false),
+    }
+}
+
+/// A request body read from the client's connection as the worker takes
+/// it: no channel, no task, no copy beyond the socket read.
+pub struct ConnBody {
+    conn: Arc<dyn ReadBody>,
+}
+
+impl std::fmt::Debug for ConnBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnBody")
+            .field("remaining", &self.conn.remaining())
+            .finish()
+    }
+}
+
+trait ReadBody: Send + Sync {
+    fn poll_data(&self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>>;
+    /// Bytes left when known (0 once the body ended).
+    fn remaining(&self) -> Option<u64>;
+}
+
+impl Body for ConnBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.conn
+            .poll_data(cx)
+            .map(|d| d.map(|r| r.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.remaining() == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.conn.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl<I: ClientIo> ReadBody for SharedConn<I> {
+    fn poll_data(&self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        let mut guard = lock(self);
+        let s = &mut *guard;
+        if let Some(mut sent) = s.continue_sent {
+            // The client waits for this before it sends its body.
+            while sent < CONTINUE.len() {
+                match Pin::new(&mut s.io).poll_write(cx, &CONTINUE[sent..]) {
+                    Poll::Pending => {
+                        s.continue_sent = Some(sent);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(0)) => {
+                        s.body = BodyState::Failed;
+                        return Poll::Ready(Some(Err(io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(n)) => sent += n,
+                    Poll::Ready(Err(e)) => {
+                        s.body = BodyState::Failed;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+            }
+            s.continue_sent = Some(sent);
+            if let Err(e) = ready!(Pin::new(&mut s.io).poll_flush(cx)) {
+                s.body = BodyState::Failed;
+                return Poll::Ready(Some(Err(e)));
+            }
+            s.continue_sent = None;
+        }
+        loop {
+            let framing = match &mut s.body {
+                BodyState::Reading(framing) => framing,
+                BodyState::None | BodyState::Done => return Poll::Ready(None),
+                BodyState::Failed => {
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the request body was cut off",
+                    ))));
+                }
+            };
+            match framing.decode(&mut s.buf) {
+                Ok(Decoded::Data(data)) => {
+                    if framing.is_done() {
+                        s.body = BodyState::Done;
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Ok(Decoded::Done) => {
+                    s.body = BodyState::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => {
+                    s.body = BodyState::Failed;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("malformed request body: {e}"),
+                    ))));
+                }
+            }
+            let want = framing.remaining().map_or(MAX_BODY_READ / 4, |n| {
+                n.clamp(1024, MAX_BODY_READ as u64) as usize
+            });
+            if s.buf.capacity() - s.buf.len() < want.min(1024) {
+                s.buf.reserve(want);
+            }
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut s.io),
+                cx,
+                &mut s.buf
+            )) {
+                Ok(0) => {
+                    s.body = BodyState::Failed;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed its connection before its request body ended",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    s.body = BodyState::Failed;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn remaining(&self) -> Option<u64> {
+        match lock(self).body {
+            BodyState::Reading(framing) => framing.remaining(),
+            BodyState::None | BodyState::Done => Some(0),
+            BodyState::Failed => None,
+        }
+    }
+}
+
+/// A request head as the proxy takes it, and how its connection goes on.
+#[derive(Debug)]
+struct ParsedHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    /// How the body is framed; `None`: no body.
+    body: Option<BodyFraming>,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// Why a request is refused before it reaches the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Refusal {
+    status: StatusCode,
+    errcode: &'static str,
+    message: &'static str,
+    /// The `synapse_edge_requests_rejected_total` reason.
+    reason: &'static str,
+}
+
+impl Refusal {
+    const fn bad(message: &'static str) -> Refusal {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            errcode: "M_BAD_REQUEST",
+            message,
+            reason: "malformed_request",
+        }
+    }
+
+    const HEAD_TOO_LARGE: Refusal = Refusal {
+        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        errcode: "M_TOO_LARGE",
+        message: "the request's headers are too large",
+        reason: "headers_too_large",
+    };
+
+    const TOO_MANY_HEADERS: Refusal = Refusal {
+        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        errcode: "M_TOO_LARGE",
+        message: "the request has too many header lines",
+        reason: "headers_too_large",
+    };
+
+    const CODING: Refusal = Refusal {
+        status: StatusCode::NOT_IMPLEMENTED,
+        errcode: "M_UNRECOGNIZED",
+        message: "only the chunked transfer coding is supported",
+        reason: "malformed_request",
+    };
+
+    const EXPECTATION: Refusal = Refusal {
+        status: StatusCode::EXPECTATION_FAILED,
+        errcode: "M_UNRECOGNIZED",
+        message: "only `Expect: 100-continue` is supported",
+        reason: "malformed_request",
+    };
+}
+
+/// Parses a request head at the start of `buf`.
+fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usize)>, Refusal> {
+    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
+    let mut heap;
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap = vec![MaybeUninit::<httparse::Header<'_>>::uninit(); max_headers];
+        &mut heap
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, slots)
+    {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TOO_MANY_HEADERS),
+        // A well-formed request line naming another version (not a target
+        // with a space in it, which also ends up here).
+        Err(httparse::Error::Version) if names_a_version(buf) => {
+            return Err(Refusal {
+                status: StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                errcode: "M_UNRECOGNIZED",
+                message: "only HTTP/1.0, HTTP/1.1 and HTTP/2 are served",
+                reason: "malformed_request",
+            });
+        }
+        Err(_) => return Err(Refusal::bad("the request is not valid HTTP/1.1")),
+    };
+    // One copy of the head, exactly its size: the target and the header
+    // values are slices of it, and the read buffer can go.
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    let slice = |part: &[u8]| head.slice(offset_in(buf, part));
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refusal::bad("invalid method"))?;
+    let target = req.path.unwrap_or_default();
+    let uri = Uri::from_maybe_shared(slice(target.as_bytes()))
+        .map_err(|_| Refusal::bad("invalid request target"))?;
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Refusal::bad("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(slice(h.value))
+            .map_err(|_| Refusal::bad("invalid header value"))?;
+        headers
+            .try_append(name, value)
+            .map_err(|_| Refusal::TOO_MANY_HEADERS)?;
+    }
+    let hosts = headers.get_all(HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
+        return Err(Refusal::bad(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    let body = body_framing(&headers, version)?;
+    let (close, keep) = connection_options(&headers);
+    let keep_alive = match version {
+        Version::HTTP_10 => keep && !close,
+        _ => !close,
+    };
+    let expect_continue = match headers.get(EXPECT) {
+        None => false,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"100-continue") => {
+            version == Version::HTTP_11
+        }
+        Some(_) => return Err(Refusal::EXPECTATION),
+    };
+    Ok(Some((
+        ParsedHead {
+            method,
+            uri,
+            version,
+            headers,
+            body,
+            keep_alive,
+            expect_continue,
+        },
+        len,
+    )))
+}
+
+/// Whether the request line is three tokens, the last one `HTTP/...`.
+fn names_a_version(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+    let tokens: SmallVec<[&[u8]; 4]> = line.split(|&b| b == b' ').take(4).collect();
+    tokens.len() == 3 && tokens[2].starts_with(b"HTTP/")
+}
+
+/// Where `part`, a slice of `buf`, lies in it.
+fn offset_in(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(buf.as_ptr() as usize);
+    start..start + part.len()
+}
+
+/// How the request body is framed (RFC 9112 section 6), refusing every
+/// ambiguous case instead of guessing.
+fn body_framing(headers: &HeaderMap, version: Version) -> Result<Option<BodyFraming>, Refusal> {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(coding) = codings.next() {
+        if version == Version::HTTP_10 {
+            return Err(Refusal::bad("Transfer-Encoding is not allowed in HTTP/1.0"));
+        }
+        if headers.contains_key(CONTENT_LENGTH) {
+            return Err(Refusal::bad(
+                "a request may not have both Transfer-Encoding and Content-Length",
+            ));
+        }
+        if codings.next().is_some()
+            || !coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        {
+            return Err(Refusal::CODING);
+        }
+        return Ok(Some(BodyFraming::Chunked(ChunkState::Size)));
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let n = parse_length(value.as_bytes())
+            .ok_or(Refusal::bad("Content-Length must be one number"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(Refusal::bad("conflicting Content-Length headers"));
+        }
+        length = Some(n);
+    }
+    Ok(length.map(BodyFraming::Length))
+}
+
+/// Digits only: no sign, no spaces, no list.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Whether `Connection` says `close`, and whether it says `keep-alive`.
+fn connection_options(headers: &HeaderMap) -> (bool, bool) {
+    let (mut close, mut keep) = (false, false);
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    (close, keep)
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delimited {
+    /// No body (HEAD, 1xx, 204, 304).
+    Bodyless,
+    Length(u64),
+    Chunked,
+    /// By closing the connection (an HTTP/1.0 client, length unknown).
+    Close,
+}
+
+/// Writes a response: the head and as much body as is already there in one
+/// write, then the rest as it comes. `Ok(false)` when the body could not be
+/// sent whole (the connection must close: the client sees it cut short).
+async fn write_response<I: ClientIo>(
+    conn: &SharedConn<I>,
+    resp: Response<ResponseBody>,
+    version: Version,
+    is_head: bool,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let delimited = if is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Delimited::Bodyless
+    } else if let Some(n) = body.size_hint().exact() {
+        Delimited::Length(n)
+    } else if version == Version::HTTP_11 {
+        Delimited::Chunked
+    } else {
+        Delimited::Close
+    };
+    let keep_alive = keep_alive && delimited != Delimited::Close;
+    let mut head = Vec::with_capacity(160 + parts.headers.len() * 48);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    let keep_length = delimited == Delimited::Bodyless && status != StatusCode::NO_CONTENT;
+    for (name, value) in &parts.headers {
+        let framing_header = name == CONTENT_LENGTH || name == TRANSFER_ENCODING;
+        if (framing_header && !(keep_length && name == CONTENT_LENGTH))
+            || name == CONNECTION
+            || name.as_str() == "keep-alive"
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(DATE) {
+        head.extend_from_slice(b"date: ");
+        push_date(&mut head);
+        head.extend_from_slice(b"\r\n");
+    }
+    let length = match delimited {
+        Delimited::Length(n) => Some(n),
+        // A HEAD answer of the edge's own tells the length of its GET.
+        Delimited::Bodyless if is_head && !parts.headers.contains_key(CONTENT_LENGTH) => {
+            body.size_hint().exact().filter(|&n| n > 0)
+        }
+        _ => None,
+    };
+    if let Some(n) = length {
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(itoa(n).as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if delimited == Delimited::Chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !keep_alive {
+        head.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        head.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    if delimited == Delimited::Bodyless {
+        drop(body);
+        write_all(conn, &[&head]).await?;
+        return Ok(true);
+    }
+    let mut head = Some(head);
+    let mut sent: u64 = 0;
+    loop {
+        // The first piece at once if it is there: then the head and a small
+        // body go out in one write.
+        let polled = if head.is_some() {
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await
+        } else {
+            Poll::Ready(std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await)
+        };
+        let (data, end) = match polled {
+            Poll::Pending => (Bytes::new(), false),
+            Poll::Ready(None) => (Bytes::new(), true),
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    (data, end)
+                }
+                // Trailers are not passed on.
+                Err(_) => continue,
+            },
+            Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "a response body failed midway: the client sees it cut short");
+                if let Some(h) = head.take() {
+                    write_all(conn, &[&h]).await?;
+                }
+                return Ok(false);
+            }
+        };
+        sent += data.len() as u64;
+        let (size, crlf) = match delimited {
+            Delimited::Chunked => framed(&data, RequestFraming::Chunked),
+            _ => framed(&data, RequestFraming::Length),
+        };
+        let last: &[u8] = if end && delimited == Delimited::Chunked {
+            b"0\r\n\r\n"
+        } else {
+            b""
+        };
+        let h = head.take().unwrap_or_default();
+        write_all(conn, &[&h, &size, &data, crlf, last]).await?;
+        if let Delimited::Length(n) = delimited
+            && (sent > n || (end && sent != n))
+        {
+            return Ok(false);
+        }
+        if end {
+            return Ok(delimited != Delimited::Close);
+        }
+    }
+}
+
+/// Writes every slice and flushes (TLS buffers what it encrypts).
+async fn write_all<I: ClientIo>(conn: &SharedConn<I>, bufs: &[&[u8]]) -> io::Result<()> {
+    let mut at = Cursor::default();
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        let mut guard = lock(conn);
+        let s = &mut *guard;
+        ready!(poll_write_slices(
+            &mut s.io,
+            cx,
+            bufs,
+            &mut at,
+            &mut written
+        ))?;
+        Pin::new(&mut s.io).poll_flush(cx)
+    })
+    .await
+}
+
+async fn shutdown<I: ClientIo>(conn: &SharedConn<I>) {
+    let _ = std::future::poll_fn(|cx| Pin::new(&mut lock(conn).io).poll_shutdown(cx)).await;
+}
+
+/// Closes after an answer sent while the client may still be sending its
+/// body: stop writing, then read and drop what comes for a while, so that
+/// closing does not reset the connection under the answer.
+async fn linger<I: ClientIo>(conn: &SharedConn<I>) {
+    shutdown(conn).await;
+    let drain = std::future::poll_fn(|cx| {
+        let mut guard = lock(conn);
+        let s = &mut *guard;
+        loop {
+            s.buf.clear();
+            if s.buf.capacity() < FIRST_READ {
+                s.buf.reserve(FIRST_READ);
+            }
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut s.io),
+                cx,
+                &mut s.buf
+            )) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
+    });
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+/// Appends the current time as an HTTP date, formatted once a second per
+/// serving thread.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<ParsedHead, Refusal> {
+        match parse_head(raw.as_bytes(), 100)? {
+            Some((head, n)) => {
+                assert_eq!(n, raw.find("\r\n\r\n").map(|i| i + 4).unwrap_or(0));
+                Ok(head)
+            }
+            None => panic!("partial: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn a_plain_get_has_no_body_and_keeps_the_connection() {
+        let h = parse("GET /_matrix/client/versions?x=1 HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\r\n")
+            .unwrap();
+        assert_eq!(h.method, Method::GET);
+        assert_eq!(
+            h.uri.path_and_query().unwrap().as_str(),
+            "/_matrix/client/versions?x=1"
+        );
+        assert_eq!(h.headers.get("x-a").unwrap(), "b");
+        assert_eq!(h.body, None);
+        assert!(h.keep_alive);
+        assert!(!h.expect_continue);
+    }
+
+    #[test]
+    fn ambiguous_body_framing_is_refused() {
+        let cases = [
+            // Both: the classic smuggling vector.
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            // Obsolete line folding and a space before the colon.
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            // No Host, two Hosts.
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ];
+        for raw in cases {
+            let r = parse(raw).expect_err(raw);
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{raw:?}");
+        }
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunkedx\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw).expect_err(raw).status,
+                StatusCode::NOT_IMPLEMENTED,
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unambiguous_bodies_are_framed() {
+        let h =
+            parse("PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nContent-Length: 12\r\n\r\n")
+                .unwrap();
+        assert_eq!(h.body, Some(BodyFraming::Length(12)));
+        let h =
+            parse("POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding:  Chunked \r\n\r\n").unwrap();
+        assert_eq!(h.body, Some(BodyFraming::Chunked(ChunkState::Size)));
+        let h = parse(
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n",
+        )
+        .unwrap();
+        assert!(h.expect_continue);
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: tea\r\n\r\n")
+                .unwrap_err()
+                .status,
+            StatusCode::EXPECTATION_FAILED
+        );
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        assert!(
+            !parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: foo, Close\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
+        assert!(!parse("GET / HTTP/1.0\r\n\r\n").unwrap().keep_alive);
+        assert!(
+            parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
+    }
+
+    #[test]
+    fn limits_and_garbage() {
+        let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+        assert_eq!(
+            parse(&raw).unwrap_err().status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        assert!(matches!(parse_head(&raw.as_bytes()[..40], 100), Ok(None)));
+        assert_eq!(
+            parse("GET / HTTP/2.0\r\nHost: a\r\n\r\n")
+                .unwrap_err()
+                .status,
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED
+        );
+        for raw in [
+            "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03\r\n\r\n",
+            "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\x01\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw).unwrap_err().status,
+                StatusCode::BAD_REQUEST,
+                "{raw:?}"
+            );
+        }
+    }
+}
