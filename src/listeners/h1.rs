@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
@@ -139,8 +139,22 @@ pub async fn serve<I: ClientIo>(
     let mut open: Option<OpenConn> = None;
     let mut first = true;
     loop {
-        let head = match next_head(&conn, settings, first, &mut stop).await {
-            Next::Head(head) => head,
+        // The head is used up in the arm: a parked request's state holds
+        // the proxy's future and nothing of the head beside it.
+        let (handled, keep_alive, version, is_head) = match next_head(
+            &conn, settings, first, &mut stop,
+        )
+        .await
+        {
+            Next::Head(head) => {
+                let facts = (head.keep_alive, head.version, head.method == Method::HEAD);
+                let handled = WhileClientStays {
+                    conn: &conn,
+                    watching: true,
+                    serving: proxy.handle(into_request(head, &conn), client.clone()),
+                };
+                (handled, facts.0, facts.1, facts.2)
+            }
             Next::Closed => break,
             Next::Http2 => {
                 return match Arc::try_unwrap(conn) {
@@ -170,38 +184,7 @@ pub async fn serve<I: ClientIo>(
         };
         first = false;
         open.get_or_insert_with(|| OpenConn::new(proxy, &client));
-        let ParsedHead {
-            method,
-            uri,
-            version,
-            headers,
-            body,
-            keep_alive,
-            expect_continue,
-        } = head;
-        let is_head = method == Method::HEAD;
-        let body = {
-            let mut s = lock(&conn);
-            s.body = match body {
-                Some(framing) if !framing.is_done() => BodyState::Reading(framing),
-                _ => BodyState::None,
-            };
-            s.continue_sent = (expect_continue && s.body != BodyState::None).then_some(0);
-            // A request waiting for its worker holds no read buffer.
-            if s.buf.is_empty() {
-                s.buf = BytesMut::new();
-            }
-            match s.body {
-                BodyState::None => ClientBody::Empty,
-                _ => ClientBody::H1(ConnBody { conn: conn.clone() }),
-            }
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = version;
-        *req.headers_mut() = headers;
-        let Some(resp) = while_client_stays(&conn, proxy.handle(req, client.clone())).await else {
+        let Some(resp) = handled.await else {
             // The client left: dropping the request cancelled its exchange.
             break;
         };
@@ -345,29 +328,61 @@ fn poll_read_head<I: ClientIo>(
     read
 }
 
-/// Runs `fut` (the proxy serving a request) unless the client leaves
-/// first: `None` then, and `fut` is dropped, cancelling the worker's
-/// exchange (a long-poll whose client is gone ends at once).
-async fn while_client_stays<I: ClientIo, F: Future>(
-    conn: &SharedConn<I>,
-    fut: F,
-) -> Option<F::Output> {
-    let mut fut = pin!(fut);
-    let mut watching = true;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+/// The request for the proxy, its body read from `conn`.
+fn into_request<I: ClientIo>(head: ParsedHead, conn: &Arc<SharedConn<I>>) -> Request<ClientBody> {
+    let mut s = lock(conn);
+    s.body = match head.body {
+        Some(framing) if !framing.is_done() => BodyState::Reading(framing),
+        _ => BodyState::None,
+    };
+    s.continue_sent = (head.expect_continue && s.body != BodyState::None).then_some(0);
+    // A request waiting for its worker holds no read buffer.
+    if s.buf.is_empty() {
+        s.buf = BytesMut::new();
+    }
+    let body = match s.body {
+        BodyState::None => ClientBody::Empty,
+        _ => ClientBody::H1(ConnBody { conn: conn.clone() }),
+    };
+    drop(s);
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method;
+    *req.uri_mut() = head.uri;
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers;
+    req
+}
+
+pin_project_lite::pin_project! {
+    /// Runs `serving` (the proxy serving a request) unless the client
+    /// leaves first: `None` then, and `serving` is dropped, cancelling the
+    /// worker's exchange (a long-poll whose client is gone ends at once).
+    /// Hand-written: an async fn would hold `serving` twice.
+    struct WhileClientStays<'c, I, F> {
+        conn: &'c SharedConn<I>,
+        watching: bool,
+        #[pin]
+        serving: F,
+    }
+}
+
+impl<I: ClientIo, F: Future> Future for WhileClientStays<'_, I, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.serving.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if watching {
-            match poll_client_gone(conn, cx) {
+        if *this.watching {
+            match poll_client_gone(this.conn, cx) {
                 Poll::Ready(true) => return Poll::Ready(None),
-                Poll::Ready(false) => watching = false,
+                Poll::Ready(false) => *this.watching = false,
                 Poll::Pending => {}
             }
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// Whether the client closed its connection while its request is served.

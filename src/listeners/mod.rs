@@ -462,7 +462,7 @@ async fn serve_tls(
                 role,
             };
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                serve_h2(tls, client, ctx).await;
+                Box::pin(serve_h2(tls, client, ctx)).await;
             } else {
                 serve_conn(tls, client, ctx).await;
             }
@@ -501,7 +501,9 @@ async fn serve_conn<I: ClientIo>(io: I, client: ClientConn, ctx: ConnContext) {
     )
     .await;
     if let Ended::Http2(io, read) = ended {
-        serve_h2(Rewind { read, io }, client, ctx).await;
+        // Boxed: hyper's HTTP/2 connection state would otherwise size
+        // every HTTP/1 connection's task.
+        Box::pin(serve_h2(Rewind { read, io }, client, ctx)).await;
     }
 }
 
