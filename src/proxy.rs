@@ -120,6 +120,21 @@ pub struct ClientConn {
     pub scheme: &'static str,
     /// What the listener is for.
     pub role: Arc<ListenerRole>,
+    /// `peer` as an X-Forwarded-For value, formatted once per connection.
+    peer_header: HeaderValue,
+}
+
+impl ClientConn {
+    pub fn new(peer: IpAddr, scheme: &'static str, role: Arc<ListenerRole>) -> ClientConn {
+        let peer_header = HeaderValue::from_str(&peer.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientConn {
+            peer,
+            scheme,
+            role,
+            peer_header,
+        }
+    }
 }
 
 /// Why one attempt at a worker did not give a response.
@@ -472,7 +487,7 @@ impl Snapshot {
             parts.headers.insert(HOST, v);
         }
         strip_hop_by_hop(&mut parts.headers);
-        set_forwarded(&mut parts.headers, client, conn.scheme);
+        set_forwarded(&mut parts.headers, client, conn);
         let method = parts.method;
         let headers = parts.headers;
         // Borrowed by every attempt: a retry needs no copy of it.
@@ -732,11 +747,13 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 /// so the header is replaced by the one address the edge believes (the
 /// peer, or what trusted proxies said), never appended to: otherwise any
 /// client could choose the address Synapse logs, rate-limits and bans.
-fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
-    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, conn: &ClientConn) {
+    if client == conn.peer {
+        headers.insert(X_FORWARDED_FOR, conn.peer_header.clone());
+    } else if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
 }
 
 /// How long a connection may wait for a worker's answer on this route.

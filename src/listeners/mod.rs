@@ -383,11 +383,11 @@ async fn accept_loop(listener: Bound, ctx: ConnContext, tracker: TaskTracker) {
                 tracker.spawn(start_tcp_conn(stream, conn, ctx.clone()));
             }
             Ok(Accepted::Unix(stream)) => {
-                let client = ClientConn {
-                    peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    scheme: "http",
-                    role: listener.role.clone(),
-                };
+                let client = ClientConn::new(
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    "http",
+                    listener.role.clone(),
+                );
                 tracker.spawn(serve_conn(stream, client, ctx.clone()));
             }
             Err(e) => {
@@ -433,11 +433,7 @@ async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: Conn
     }
     match conn.tls {
         None => {
-            let client = ClientConn {
-                peer,
-                scheme: "http",
-                role: conn.role,
-            };
+            let client = ClientConn::new(peer, "http", conn.role);
             serve_conn(stream, client, ctx).await;
         }
         // Boxed: a TLS connection's state is twice a plain one's, and
@@ -456,11 +452,7 @@ async fn serve_tls(
     match tokio::time::timeout(ctx.settings.header_read_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             ctx.proxy.metrics().tls_handshakes.inc();
-            let client = ClientConn {
-                peer,
-                scheme: "https",
-                role,
-            };
+            let client = ClientConn::new(peer, "https", role);
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                 Box::pin(serve_h2(tls, client, ctx)).await;
             } else {
