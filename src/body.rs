@@ -29,9 +29,10 @@ pub struct BodyProgress {
 }
 
 impl BodyProgress {
-    pub fn new() -> Arc<BodyProgress> {
+    /// `start`: when the request arrived.
+    pub fn new(start: Instant) -> Arc<BodyProgress> {
         Arc::new(BodyProgress {
-            start: Instant::now(),
+            start,
             last_ms: AtomicU64::new(0),
             exceeded: AtomicBool::new(false),
             unsent: Mutex::new(None),

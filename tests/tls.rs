@@ -579,3 +579,62 @@ async fn run_listen_tls_starts_a_tls_listener_from_the_command_line() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn over_tls_a_kept_alive_connection_serves_on_and_a_client_leaving_a_long_poll_cancels_it() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h, _store, _) = tls_edge(&pki, dir.path(), "").await;
+    let mut tls = connect(&pki, h.addr(1), "example.org", &[b"http/1.1"]).await;
+    // Three requests one after another on one TLS connection.
+    for _ in 0..3 {
+        tls.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: example.org\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "closed mid-answer");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content-length");
+        let mut body = vec![0u8; len];
+        tls.read_exact(&mut body).await.unwrap();
+    }
+    // Then a long-poll, and the client goes away.
+    let sync = h.standin("client_sync1");
+    tls.write_all(
+        b"GET /_matrix/client/v3/sync?since=s1&timeout=30000 HTTP/1.1\r\nhost: example.org\r\nx-standin-delay-ms: 30000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        if sync.stats.requests() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sync.stats.requests(), 1);
+    let left = tokio::time::Instant::now();
+    drop(tls);
+    let mut cancelled = Vec::new();
+    for _ in 0..100 {
+        cancelled = sync.stats.cancelled();
+        if !cancelled.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        cancelled.len(),
+        1,
+        "the worker still holds the abandoned request"
+    );
+    assert!(cancelled[0] - left < Duration::from_secs(1));
+}

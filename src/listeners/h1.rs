@@ -64,27 +64,37 @@ const LINGER: Duration = Duration::from_secs(2);
 /// A client connection's transport.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready when a read would find something (data or the client gone).
-    /// Lets a waiting connection hold no read buffer; a transport that
-    /// cannot tell without reading says "ready" at once.
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let _ = cx;
-        Poll::Ready(Ok(()))
-    }
+    /// Lets a waiting connection hold no read buffer.
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl ClientIo for tokio::net::TcpStream {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
 }
 
 impl ClientIo for tokio::net::UnixStream {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
 }
 
-impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    /// Readable when TLS has plaintext (or a close) already decrypted, or
+    /// the socket has more: not a read per look, which would cost a system
+    /// call and a buffer each time a waiting request's task is polled.
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, tls) = self.get_mut();
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {
+                tcp.poll_read_ready(cx)
+            }
+            // Something to read, or an error the read will report.
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
 
 /// How a connection's HTTP/1 service ended.
 pub enum Ended<I> {
