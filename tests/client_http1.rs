@@ -268,3 +268,34 @@ async fn a_client_that_leaves_mid_upload_has_no_request_completed_at_a_worker() 
         .sum();
     assert_eq!(completed, 0, "a cut-off upload was completed at a worker");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_dropped() {
+    let h = Harness::start("timeouts:\n  client_idle: 500ms\n").await;
+    let mut s = connect(&h).await;
+    // 64 MiB: far more than the sockets between here and the worker buffer.
+    let total = 64usize << 20;
+    s.write_all(
+        format!("GET /_matrix/client/v1/media/download/example.org/abc HTTP/1.1\r\nHost: x\r\nx-standin-response-bytes: {total}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The client reads nothing for a while: the edge gives up on it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // What it reads now is what was buffered, then the end: not the rest
+    // of the answer, which a patient edge would still be sending.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection is still open");
+    assert!(got < total, "the whole answer came after all ({got} bytes)");
+}

@@ -22,6 +22,8 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
@@ -183,9 +185,16 @@ pub async fn serve<I: ClientIo>(
                     .inc();
                 tracing::debug!(peer = %client.peer, reason = refusal.reason, "malformed request refused");
                 let resp = matrix_error(refusal.status, refusal.errcode, refusal.message);
-                if write_response(&conn, resp, Version::HTTP_11, false, false)
-                    .await
-                    .is_ok()
+                if write_response(
+                    &conn,
+                    resp,
+                    Version::HTTP_11,
+                    false,
+                    false,
+                    settings.client_idle_timeout,
+                )
+                .await
+                .is_ok()
                 {
                     linger(&conn).await;
                 }
@@ -200,7 +209,16 @@ pub async fn serve<I: ClientIo>(
         };
         let body_unread = !matches!(lock(&conn).body, BodyState::None | BodyState::Done);
         let keep_alive = keep_alive && !body_unread && !*stop.borrow();
-        match write_response(&conn, resp, version, is_head, keep_alive).await {
+        match write_response(
+            &conn,
+            resp,
+            version,
+            is_head,
+            keep_alive,
+            settings.client_idle_timeout,
+        )
+        .await
+        {
             Ok(true) if keep_alive => {}
             Ok(_) => {
                 if body_unread {
@@ -799,6 +817,7 @@ async fn write_response<I: ClientIo>(
     version: Version,
     is_head: bool,
     keep_alive: bool,
+    stall: Duration,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -865,7 +884,7 @@ async fn write_response<I: ClientIo>(
     head.extend_from_slice(b"\r\n");
     if delimited == Delimited::Bodyless {
         drop(body);
-        write_all(conn, &[&head]).await?;
+        write_all(conn, &[&head], stall).await?;
         return Ok(true);
     }
     let mut head = Some(head);
@@ -892,7 +911,7 @@ async fn write_response<I: ClientIo>(
             Poll::Ready(Some(Err(e))) => {
                 tracing::debug!(error = %e, "a response body failed midway: the client sees it cut short");
                 if let Some(h) = head.take() {
-                    write_all(conn, &[&h]).await?;
+                    write_all(conn, &[&h], stall).await?;
                 }
                 return Ok(false);
             }
@@ -908,7 +927,7 @@ async fn write_response<I: ClientIo>(
             b""
         };
         let h = head.take().unwrap_or_default();
-        write_all(conn, &[&h, &size, &data, crlf, last]).await?;
+        write_all(conn, &[&h, &size, &data, crlf, last], stall).await?;
         if let Delimited::Length(n) = delimited
             && (sent > n || (end && sent != n))
         {
@@ -920,23 +939,44 @@ async fn write_response<I: ClientIo>(
     }
 }
 
-/// Writes every slice and flushes (TLS buffers what it encrypts).
-async fn write_all<I: ClientIo>(conn: &SharedConn<I>, bufs: &[&[u8]]) -> io::Result<()> {
+/// Writes every slice and flushes (TLS buffers what it encrypts). A
+/// client that takes none of it for `stall` is given up on (Nginx's
+/// `send_timeout`): it would hold its worker's answer, and the worker's
+/// connection, for as long as it liked.
+async fn write_all<I: ClientIo>(
+    conn: &SharedConn<I>,
+    bufs: &[&[u8]],
+    stall: Duration,
+) -> io::Result<()> {
     let mut at = Cursor::default();
-    let mut written = 0;
-    std::future::poll_fn(|cx| {
+    let written = AtomicUsize::new(0);
+    let mut write = |cx: &mut Context<'_>| {
         let mut guard = lock(conn);
         let s = &mut *guard;
-        ready!(poll_write_slices(
-            &mut s.io,
-            cx,
-            bufs,
-            &mut at,
-            &mut written
-        ))?;
+        let mut n = written.load(Relaxed);
+        let r = poll_write_slices(&mut s.io, cx, bufs, &mut at, &mut n);
+        written.store(n, Relaxed);
+        ready!(r)?;
         Pin::new(&mut s.io).poll_flush(cx)
-    })
-    .await
+    };
+    // Nearly every write completes at once: only one that waits is timed.
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write(cx))).await {
+        return r;
+    }
+    loop {
+        let before = written.load(Relaxed);
+        match tokio::time::timeout(stall, std::future::poll_fn(&mut write)).await {
+            Ok(r) => return r,
+            // Slow is fine; stopped is not.
+            Err(_) if written.load(Relaxed) > before => {}
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client stopped reading its answer",
+                ));
+            }
+        }
+    }
 }
 
 async fn shutdown<I: ClientIo>(conn: &SharedConn<I>) {
