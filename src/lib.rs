@@ -16,6 +16,7 @@ pub mod demo;
 pub mod front;
 pub mod generate;
 pub mod health;
+pub mod http1;
 pub mod listeners;
 pub mod metrics;
 pub mod proxy;

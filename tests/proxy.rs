@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::harness::Harness;
+use common::harness::{Harness, wait_for_cancelled, wait_for_requests};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -294,24 +294,10 @@ async fn a_client_leaving_a_long_poll_cancels_the_upstream_request() {
     )
     .await
     .unwrap();
-    // Wait until the worker holds the request.
-    for _ in 0..100 {
-        if sync.stats.requests() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(sync.stats.requests(), 1);
+    wait_for_requests(&sync.stats, 1).await;
     let left = tokio::time::Instant::now();
     drop(s);
-    let mut cancelled = Vec::new();
-    for _ in 0..100 {
-        cancelled = sync.stats.cancelled();
-        if !cancelled.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let cancelled = wait_for_cancelled(&sync.stats).await;
     assert_eq!(
         cancelled.len(),
         1,

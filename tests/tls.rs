@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::harness::Harness;
+use common::harness::{Harness, wait_for_cancelled, wait_for_requests};
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -614,23 +614,10 @@ async fn over_tls_a_kept_alive_connection_serves_on_and_a_client_leaving_a_long_
     )
     .await
     .unwrap();
-    for _ in 0..100 {
-        if sync.stats.requests() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(sync.stats.requests(), 1);
+    wait_for_requests(&sync.stats, 1).await;
     let left = tokio::time::Instant::now();
     drop(tls);
-    let mut cancelled = Vec::new();
-    for _ in 0..100 {
-        cancelled = sync.stats.cancelled();
-        if !cancelled.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let cancelled = wait_for_cancelled(&sync.stats).await;
     assert_eq!(
         cancelled.len(),
         1,

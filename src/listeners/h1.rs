@@ -42,10 +42,8 @@ use tokio::time::Instant;
 
 use super::ServerSettings;
 use crate::body::{ClientBody, ResponseBody};
+use crate::http1::{BodyFraming, ChunkState, Cursor, Decoded, chunk_frame, poll_write_slices};
 use crate::proxy::{ClientConn, Proxy, matrix_error};
-use crate::upstream::h1::{
-    BodyFraming, ChunkState, Cursor, Decoded, RequestFraming, framed, poll_write_slices,
-};
 
 /// The HTTP/2 connection preface. A cleartext client that starts with it
 /// speaks HTTP/2 from its first byte (h2c with prior knowledge).
@@ -947,10 +945,7 @@ async fn write_response<I: ClientIo>(
             }
         };
         sent += data.len() as u64;
-        let (size, crlf) = match delimited {
-            Delimited::Chunked => framed(&data, RequestFraming::Chunked),
-            _ => framed(&data, RequestFraming::Length),
-        };
+        let (size, crlf) = chunk_frame(&data, delimited == Delimited::Chunked);
         let last: &[u8] = if end && delimited == Delimited::Chunked {
             b"0\r\n\r\n"
         } else {

@@ -13,11 +13,13 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::http1::{BodyFraming, ChunkState, Cursor, Malformed, poll_write_slices};
 
 /// The most header lines an answer may have.
 const MAX_HEADERS: usize = 128;
@@ -27,9 +29,6 @@ const MAX_HEAD: usize = 64 << 10;
 const FIRST_READ: usize = 8 << 10;
 /// The largest read while streaming a body.
 const MAX_READ: usize = 64 << 10;
-/// The longest chunk-size line or trailer section accepted.
-const MAX_CHUNK_LINE: usize = 4 << 10;
-const MAX_TRAILERS: usize = 16 << 10;
 
 /// A connection to a worker: its inbound Unix socket or TCP listener.
 #[derive(Debug)]
@@ -195,74 +194,6 @@ pub fn encode_head(
     out
 }
 
-/// Body data framed for the wire: as is, or as one chunk.
-pub fn framed(data: &Bytes, framing: RequestFraming) -> (SmallVec<[u8; 20]>, &'static [u8]) {
-    match framing {
-        RequestFraming::Chunked if !data.is_empty() => {
-            // Hex length and CRLF: at most 16 digits.
-            let mut size: SmallVec<[u8; 20]> = SmallVec::new();
-            let n = data.len();
-            let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
-            for shift in (0..digits).rev() {
-                size.push(b"0123456789abcdef"[(n >> (shift * 4)) & 0xf]);
-            }
-            size.extend_from_slice(b"\r\n");
-            (size, b"\r\n")
-        }
-        _ => (SmallVec::new(), b""),
-    }
-}
-
-/// How far writing a list of slices got.
-#[derive(Debug, Default)]
-pub struct Cursor {
-    index: usize,
-    offset: usize,
-}
-
-/// Writes every slice, in as few system calls as the socket allows.
-/// `written` counts what the socket took, so a failure can tell whether
-/// the worker may have seen any of the request.
-pub fn poll_write_slices<W: AsyncWrite + Unpin + ?Sized>(
-    conn: &mut W,
-    cx: &mut Context<'_>,
-    bufs: &[&[u8]],
-    at: &mut Cursor,
-    written: &mut usize,
-) -> Poll<io::Result<()>> {
-    loop {
-        while at.index < bufs.len() && bufs[at.index].len() == at.offset {
-            at.index += 1;
-            at.offset = 0;
-        }
-        if at.index == bufs.len() {
-            return Poll::Ready(Ok(()));
-        }
-        let slices: SmallVec<[IoSlice<'_>; 5]> =
-            std::iter::once(IoSlice::new(&bufs[at.index][at.offset..]))
-                .chain(bufs[at.index + 1..].iter().map(|b| IoSlice::new(b)))
-                .collect();
-        let mut n = match Pin::new(&mut *conn).poll_write_vectored(cx, &slices) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(n)) => n,
-        };
-        *written += n;
-        while n > 0 {
-            let left = bufs[at.index].len() - at.offset;
-            if n < left {
-                at.offset += n;
-                n = 0;
-            } else {
-                n -= left;
-                at.index += 1;
-                at.offset = 0;
-            }
-        }
-    }
-}
-
 pub async fn write_all(conn: &mut Conn, bufs: &[&[u8]], written: &mut usize) -> io::Result<()> {
     let mut at = Cursor::default();
     std::future::poll_fn(|cx| poll_write_slices(conn, cx, bufs, &mut at, written)).await
@@ -326,6 +257,12 @@ pub enum AnswerError {
     Invalid(&'static str),
 }
 
+impl From<Malformed> for AnswerError {
+    fn from(m: Malformed) -> Self {
+        AnswerError::Invalid(m.0)
+    }
+}
+
 /// An answer's head, its body framing, and whether the connection may take
 /// another request afterwards.
 #[derive(Debug)]
@@ -334,16 +271,6 @@ pub struct AnswerHead {
     pub headers: HeaderMap,
     pub framing: BodyFraming,
     pub keep_alive: bool,
-}
-
-/// How an answer's body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFraming {
-    /// This many bytes are left.
-    Length(u64),
-    Chunked(ChunkState),
-    /// Until the worker closes the connection.
-    UntilClose,
 }
 
 /// Reads the answer's head into `buf`; what follows it stays in `buf`.
@@ -495,126 +422,6 @@ fn parse_head(
     }))
 }
 
-/// Where a chunked body's decoder is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChunkState {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk, this much left.
-    Data(u64),
-    /// Expecting the CRLF after a chunk.
-    DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
-    Done,
-}
-
-/// What decoding the buffered bytes gave.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
-    Data(Bytes),
-    NeedMore,
-    Done,
-}
-
-impl BodyFraming {
-    /// Takes the next piece of body out of `buf`.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, AnswerError> {
-        match self {
-            BodyFraming::Length(0) => Ok(Decoded::Done),
-            BodyFraming::Length(left) => {
-                if buf.is_empty() {
-                    return Ok(Decoded::NeedMore);
-                }
-                let n = (*left).min(buf.len() as u64) as usize;
-                *left -= n as u64;
-                Ok(Decoded::Data(buf.split_to(n).freeze()))
-            }
-            BodyFraming::UntilClose => {
-                if buf.is_empty() {
-                    Ok(Decoded::NeedMore)
-                } else {
-                    Ok(Decoded::Data(buf.split().freeze()))
-                }
-            }
-            BodyFraming::Chunked(state) => state.decode(buf),
-        }
-    }
-
-    /// Bytes left when known.
-    pub fn remaining(&self) -> Option<u64> {
-        match self {
-            BodyFraming::Length(n) => Some(*n),
-            BodyFraming::Chunked(ChunkState::Done) => Some(0),
-            _ => None,
-        }
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.remaining() == Some(0)
-    }
-}
-
-impl ChunkState {
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, AnswerError> {
-        loop {
-            match *self {
-                ChunkState::Size => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        buf.advance(used);
-                        *self = if size == 0 {
-                            ChunkState::Trailers
-                        } else {
-                            ChunkState::Data(size)
-                        };
-                    }
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
-                        return Err(AnswerError::Invalid("chunk size line too long"));
-                    }
-                    Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
-                    Err(_) => return Err(AnswerError::Invalid("bad chunk size")),
-                },
-                ChunkState::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let n = left.min(buf.len() as u64) as usize;
-                    *self = if n as u64 == left {
-                        ChunkState::DataEnd
-                    } else {
-                        ChunkState::Data(left - n as u64)
-                    };
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
-                }
-                ChunkState::DataEnd => {
-                    if buf.len() < 2 {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(AnswerError::Invalid("chunk not followed by CRLF"));
-                    }
-                    buf.advance(2);
-                    *self = ChunkState::Size;
-                }
-                ChunkState::Trailers => {
-                    // Trailers are read and dropped: Synapse sends none.
-                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                        if buf.len() > MAX_TRAILERS {
-                            return Err(AnswerError::Invalid("trailers too large"));
-                        }
-                        return Ok(Decoded::NeedMore);
-                    };
-                    buf.advance(end + 2);
-                    if end == 0 {
-                        *self = ChunkState::Done;
-                    }
-                }
-                ChunkState::Done => return Ok(Decoded::Done),
-            }
-        }
-    }
-}
-
 impl Conn {
     /// Reads more of an answer's body into `buf`, as much as its framing
     /// lets be useful (up to 64 KiB at a time).
@@ -635,65 +442,6 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn decode_all(
-        framing: &mut BodyFraming,
-        wire: &[u8],
-        step: usize,
-    ) -> Result<Vec<u8>, AnswerError> {
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        let mut fed = 0;
-        loop {
-            match framing.decode(&mut buf)? {
-                Decoded::Data(d) => out.extend_from_slice(&d),
-                Decoded::Done => return Ok(out),
-                Decoded::NeedMore if fed < wire.len() => {
-                    let end = (fed + step).min(wire.len());
-                    buf.extend_from_slice(&wire[fed..end]);
-                    fed = end;
-                }
-                Decoded::NeedMore => return Err(AnswerError::ClosedEarly),
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_bodies_decode_whatever_the_reads_look_like() {
-        let wire = b"5\r\nhello\r\n1;ext=1\r\n \r\nA\r\n0123456789\r\n0\r\nx-trailer: y\r\n\r\n";
-        for step in [1, 2, 3, 7, wire.len()] {
-            let mut f = BodyFraming::Chunked(ChunkState::Size);
-            assert_eq!(
-                decode_all(&mut f, wire, step).unwrap(),
-                b"hello 0123456789",
-                "step {step}"
-            );
-            assert!(f.is_done());
-        }
-    }
-
-    #[test]
-    fn malformed_chunks_are_refused_not_guessed() {
-        for wire in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloXX0\r\n\r\n"] {
-            let mut f = BodyFraming::Chunked(ChunkState::Size);
-            assert!(matches!(
-                decode_all(&mut f, wire, 4),
-                Err(AnswerError::Invalid(_))
-            ));
-        }
-    }
-
-    #[test]
-    fn a_length_body_stops_at_its_length() {
-        let mut f = BodyFraming::Length(5);
-        let mut buf = BytesMut::from(&b"helloEXTRA"[..]);
-        assert_eq!(
-            f.decode(&mut buf).unwrap(),
-            Decoded::Data(Bytes::from_static(b"hello"))
-        );
-        assert!(f.is_done());
-        assert_eq!(&buf[..], b"EXTRA");
-    }
 
     fn head(wire: &[u8], method: Method) -> AnswerHead {
         let mut buf = BytesMut::from(wire);
@@ -766,10 +514,7 @@ mod tests {
             text(RequestFraming::Chunked),
             "PUT /a?b HTTP/1.1\r\nhost: example.org\r\ntransfer-encoding: chunked\r\n\r\n"
         );
-        let (size, end) = framed(
-            &Bytes::from_static(b"0123456789abcdefX"),
-            RequestFraming::Chunked,
-        );
+        let (size, end) = crate::http1::chunk_frame(b"0123456789abcdefX", true);
         assert_eq!((&size[..], end), (&b"11\r\n"[..], &b"\r\n"[..]));
     }
 }

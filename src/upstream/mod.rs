@@ -27,9 +27,10 @@ use tokio::time::Instant;
 
 use crate::body::RequestBody;
 use crate::config::{Endpoint, UpstreamPool};
+use crate::http1::{self, BodyFraming, Decoded};
 use crate::metrics::Metrics;
 use crate::topology::{Topology, WorkerId};
-use h1::{AnswerError, BodyFraming, Conn, Decoded, RequestFraming};
+use h1::{AnswerError, Conn, RequestFraming};
 
 /// Why a request did not get a response from its worker.
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +306,7 @@ async fn send_request(
     // instead of once each (load benchmark: context switches per request
     // 0.90 -> 0.47, throughput +20%).
     tokio::task::yield_now().await;
-    let (size, end) = h1::framed(&first, framing);
+    let (size, end) = http1::chunk_frame(&first, framing == RequestFraming::Chunked);
     let last = last_chunk(body_done, framing);
     let sent = h1::write_all(conn, &[&encoded, &size, &first, end, last], &mut written).await;
     drop(encoded);
@@ -351,11 +352,11 @@ async fn send_request(
             },
             Some(Err(e)) => return Err(failed("reading the request body", &e)),
         };
-        let (size, end) = h1::framed(&data, framing);
+        let (size, end) = http1::chunk_frame(&data, framing == RequestFraming::Chunked);
         let bufs = [&size[..], &data[..], end, last_chunk(body_done, framing)];
-        let mut at = h1::Cursor::default();
+        let mut at = http1::Cursor::default();
         let write = watching(conn, buf, &mut watch, |conn, cx| {
-            h1::poll_write_slices(conn, cx, &bufs, &mut at, &mut written)
+            http1::poll_write_slices(conn, cx, &bufs, &mut at, &mut written)
         });
         match write
             .await
@@ -484,7 +485,7 @@ impl Body for PooledBody {
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => {
                     this.reading = None;
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Err(e.into())));
                 }
             }
             match r.conn.poll_read_body(cx, &mut r.buf, &r.framing) {

@@ -157,3 +157,28 @@ impl Harness {
         self.send("GET", target, &[], b"").await
     }
 }
+
+/// Waits (up to 2 s) until a worker has started `n` requests.
+pub async fn wait_for_requests(stats: &synapse_edge::standin::Stats, n: usize) {
+    for _ in 0..100 {
+        if stats.requests() >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.requests(), n, "the worker never got the request");
+}
+
+/// Waits (up to 2 s) until a worker saw a request end before its answer:
+/// when each did.
+pub async fn wait_for_cancelled(stats: &synapse_edge::standin::Stats) -> Vec<tokio::time::Instant> {
+    let mut cancelled = Vec::new();
+    for _ in 0..100 {
+        cancelled = stats.cancelled();
+        if !cancelled.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    cancelled
+}

@@ -1,0 +1,282 @@
+//! HTTP/1.1 wire pieces both sides share: how a body is framed and its
+//! decoder (RFC 9112: length, chunked, until close), chunk framing for
+//! writing, and writing a list of slices in as few system calls as the
+//! socket allows. The edge's client side (`listeners::h1`) and its worker
+//! side (`upstream::h1`) are built on them.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use smallvec::SmallVec;
+use tokio::io::AsyncWrite;
+
+/// The longest chunk-size line or trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4 << 10;
+const MAX_TRAILERS: usize = 16 << 10;
+
+/// A body that breaks HTTP/1.1's framing rules: refused, never guessed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub &'static str);
+
+/// How a body ends (a request's or an answer's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(ChunkState),
+    /// Until the sender closes the connection (answers only).
+    UntilClose,
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    Done,
+}
+
+/// What decoding the buffered bytes gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    NeedMore,
+    Done,
+}
+
+impl BodyFraming {
+    /// Takes the next piece of body out of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Malformed> {
+        match self {
+            BodyFraming::Length(0) => Ok(Decoded::Done),
+            BodyFraming::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                Ok(Decoded::Data(buf.split_to(n).freeze()))
+            }
+            BodyFraming::UntilClose => {
+                if buf.is_empty() {
+                    Ok(Decoded::NeedMore)
+                } else {
+                    Ok(Decoded::Data(buf.split().freeze()))
+                }
+            }
+            BodyFraming::Chunked(state) => state.decode(buf),
+        }
+    }
+
+    /// Bytes left when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            BodyFraming::Length(n) => Some(*n),
+            BodyFraming::Chunked(ChunkState::Done) => Some(0),
+            _ => None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.remaining() == Some(0)
+    }
+}
+
+impl ChunkState {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Malformed> {
+        loop {
+            match *self {
+                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        *self = if size == 0 {
+                            ChunkState::Trailers
+                        } else {
+                            ChunkState::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                        return Err(Malformed("chunk size line too long"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                    Err(_) => return Err(Malformed("bad chunk size")),
+                },
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = left.min(buf.len() as u64) as usize;
+                    *self = if n as u64 == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - n as u64)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Malformed("chunk not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    // Trailers are read and dropped: Synapse sends none.
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if buf.len() > MAX_TRAILERS {
+                            return Err(Malformed("trailers too large"));
+                        }
+                        return Ok(Decoded::NeedMore);
+                    };
+                    buf.advance(end + 2);
+                    if end == 0 {
+                        *self = ChunkState::Done;
+                    }
+                }
+                ChunkState::Done => return Ok(Decoded::Done),
+            }
+        }
+    }
+}
+
+/// Body data framed for the wire: as is, or (`chunked`) as one chunk: the
+/// size line to write before it and the CRLF after.
+pub fn chunk_frame(data: &[u8], chunked: bool) -> (SmallVec<[u8; 20]>, &'static [u8]) {
+    match chunked {
+        true if !data.is_empty() => {
+            // Hex length and CRLF: at most 16 digits.
+            let mut size: SmallVec<[u8; 20]> = SmallVec::new();
+            let n = data.len();
+            let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+            for shift in (0..digits).rev() {
+                size.push(b"0123456789abcdef"[(n >> (shift * 4)) & 0xf]);
+            }
+            size.extend_from_slice(b"\r\n");
+            (size, b"\r\n")
+        }
+        _ => (SmallVec::new(), b""),
+    }
+}
+
+/// How far writing a list of slices got.
+#[derive(Debug, Default)]
+pub struct Cursor {
+    index: usize,
+    offset: usize,
+}
+
+/// Writes every slice, in as few system calls as the socket allows.
+/// `written` counts what the socket took, so a failure can tell whether
+/// the worker may have seen any of the request.
+pub fn poll_write_slices<W: AsyncWrite + Unpin + ?Sized>(
+    conn: &mut W,
+    cx: &mut Context<'_>,
+    bufs: &[&[u8]],
+    at: &mut Cursor,
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    loop {
+        while at.index < bufs.len() && bufs[at.index].len() == at.offset {
+            at.index += 1;
+            at.offset = 0;
+        }
+        if at.index == bufs.len() {
+            return Poll::Ready(Ok(()));
+        }
+        let slices: SmallVec<[IoSlice<'_>; 5]> =
+            std::iter::once(IoSlice::new(&bufs[at.index][at.offset..]))
+                .chain(bufs[at.index + 1..].iter().map(|b| IoSlice::new(b)))
+                .collect();
+        let mut n = match Pin::new(&mut *conn).poll_write_vectored(cx, &slices) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => n,
+        };
+        *written += n;
+        while n > 0 {
+            let left = bufs[at.index].len() - at.offset;
+            if n < left {
+                at.offset += n;
+                n = 0;
+            } else {
+                n -= left;
+                at.index += 1;
+                at.offset = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(
+        framing: &mut BodyFraming,
+        wire: &[u8],
+        step: usize,
+    ) -> Result<Vec<u8>, &'static str> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match framing.decode(&mut buf).map_err(|m| m.0)? {
+                Decoded::Data(d) => out.extend_from_slice(&d),
+                Decoded::Done => return Ok(out),
+                Decoded::NeedMore if fed < wire.len() => {
+                    let end = (fed + step).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+                Decoded::NeedMore => return Err("ended early"),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads_look_like() {
+        let wire = b"5\r\nhello\r\n1;ext=1\r\n \r\nA\r\n0123456789\r\n0\r\nx-trailer: y\r\n\r\n";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let mut f = BodyFraming::Chunked(ChunkState::Size);
+            assert_eq!(
+                decode_all(&mut f, wire, step).unwrap(),
+                b"hello 0123456789",
+                "step {step}"
+            );
+            assert!(f.is_done());
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused_not_guessed() {
+        for wire in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloXX0\r\n\r\n"] {
+            let mut f = BodyFraming::Chunked(ChunkState::Size);
+            assert!(decode_all(&mut f, wire, 4).is_err());
+        }
+    }
+
+    #[test]
+    fn a_length_body_stops_at_its_length() {
+        let mut f = BodyFraming::Length(5);
+        let mut buf = BytesMut::from(&b"helloEXTRA"[..]);
+        assert_eq!(
+            f.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"hello"))
+        );
+        assert!(f.is_done());
+        assert_eq!(&buf[..], b"EXTRA");
+    }
+}
