@@ -713,7 +713,9 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // Room for what the proxy adds (X-Forwarded-For, X-Forwarded-Proto,
+    // Host for HTTP/2 parity): the map is not grown per request.
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 3);
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Refusal::bad("invalid header name"))?;
@@ -898,7 +900,7 @@ async fn write_response<I: ClientIo>(
     };
     if let Some(n) = length {
         head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(itoa(n).as_bytes());
+        push_decimal(&mut head, n);
         head.extend_from_slice(b"\r\n");
     }
     if delimited == Delimited::Chunked {
@@ -1034,8 +1036,20 @@ async fn linger<I: ClientIo>(conn: &SharedConn<I>) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-fn itoa(n: u64) -> String {
-    n.to_string()
+/// Appends `n` in decimal, without a String.
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Appends the current time as an HTTP date, formatted once a second per
@@ -1212,6 +1226,15 @@ mod tests {
                 }
             }
             let _ = head_ends_in(&raw, (next() as usize) % (raw.len() + 1));
+        }
+    }
+
+    #[test]
+    fn decimals_are_written_whole() {
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
         }
     }
 
