@@ -299,3 +299,48 @@ async fn a_client_that_stops_reading_its_answer_is_dropped() {
     assert!(ended.is_ok(), "the connection is still open");
     assert!(got < total, "the whole answer came after all ({got} bytes)");
 }
+
+#[tokio::test]
+async fn an_http_1_0_client_gets_a_streamed_answer_delimited_by_the_close() {
+    let h = Harness::start("").await;
+    let mut s = connect(&h).await;
+    // The stand-in streams this answer (chunked to the edge): its length is
+    // unknown when the head goes out, and HTTP/1.0 has no chunks.
+    s.write_all(
+        b"GET /_matrix/client/v1/media/download/example.org/abc HTTP/1.0\r\nx-standin-response-bytes: 200000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("the edge closes the connection to end the answer")
+        .unwrap();
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&all[..split]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(all.len() - split, 200_000);
+}
+
+#[tokio::test]
+async fn a_refused_upload_expecting_100_continue_gets_no_continue_and_a_closed_connection() {
+    let h = Harness::start("limits:\n  max_body_size: 1K\n").await;
+    let mut s = connect(&h).await;
+    s.write_all(
+        b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The client never sends the body: it was not told to.
+    let text = read_to_close(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert_eq!(total_requests(&h), 0);
+}
