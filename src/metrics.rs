@@ -31,6 +31,7 @@ pub struct Metrics {
     pub request_body_bytes: IntCounterVec,
     pub response_body_bytes: IntCounterVec,
     pub rejected: IntCounterVec,
+    pub abandoned: IntCounterVec,
     pub reloads: IntCounterVec,
     pub last_reload: Gauge,
     pub tls_handshakes: IntCounter,
@@ -198,6 +199,12 @@ impl Metrics {
                 "synapse_edge_requests_rejected_total",
                 "Requests the edge refused itself, by reason",
                 &["reason"],
+            ),
+            abandoned: counter(
+                &r,
+                "synapse_edge_requests_abandoned_total",
+                "Requests whose client left before their answer began (Nginx's 499), by route, pool and worker",
+                &["route", "pool", "worker"],
             ),
             reloads: counter(
                 &r,

@@ -282,11 +282,21 @@ impl Proxy {
         let access = edge
             .access_log
             .then(|| AccessLine::of(&req, edge.log_format == crate::config::LogFormat::Json));
-        let mut served = Served {
-            start: Some(start),
-            ..Served::default()
+        // Counts and logs the request if the client leaves before it is
+        // answered (this future is then dropped mid-way).
+        let mut unanswered = Unanswered {
+            served: Served {
+                start: Some(start),
+                ..Served::default()
+            },
+            snap: &snap,
+            m,
+            access,
+            peer: conn.peer,
+            done: false,
         };
-        let mut resp = snap.handle(req, &conn, &mut served, m).await;
+        let mut resp = snap.handle(req, &conn, &mut unanswered.served, m).await;
+        let (served, access) = unanswered.answered();
         if let Some(hsts) = &conn.role.hsts {
             resp.headers_mut()
                 .insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
@@ -327,6 +337,56 @@ impl Proxy {
             None => m.response_body_bytes.with_label_values(&[pool]),
         };
         resp.map(|b| b.tapped(Tap::new(Some(counter), on_end)))
+    }
+}
+
+/// A request not yet answered: if dropped so (its client left, and the
+/// serving future with it), counts it by route and worker and writes its
+/// access line with Nginx's 499.
+struct Unanswered<'s> {
+    served: Served<'s>,
+    snap: &'s Snapshot,
+    m: &'s Metrics,
+    access: Option<AccessLine>,
+    peer: IpAddr,
+    done: bool,
+}
+
+impl<'s> Unanswered<'s> {
+    /// The request was answered: what serving it involved, and its access
+    /// line to finish.
+    fn answered(&mut self) -> (Served<'s>, Option<AccessLine>) {
+        self.done = true;
+        (std::mem::take(&mut self.served), self.access.take())
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let served = &self.served;
+        let route = served.route.map_or("none", |r| r.name.as_str());
+        let pool = served.pool.map_or("none", |p| p.name.as_str());
+        let worker = served
+            .worker
+            .map_or("none", |w| self.snap.state.topology.worker(w).name.as_str());
+        self.m
+            .abandoned
+            .with_label_values(&[route, pool, worker])
+            .inc();
+        if let Some(line) = self.access.take() {
+            let done = AccessDone {
+                client: served.client.unwrap_or(self.peer),
+                status: 499,
+                route: route.to_string(),
+                worker: worker.to_string(),
+                upstream: None,
+                start: served.start.unwrap_or_else(Instant::now),
+            };
+            line.emit(done, 0);
+        }
     }
 }
 

@@ -373,7 +373,20 @@ async fn the_access_log_never_contains_a_token() {
             }
         }
         assert!(ok, "the request failed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A long-poll whose client leaves: logged with Nginx's 499.
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            s.write_all(
+                b"GET /_matrix/client/v3/sync?since=s2 HTTP/1.1\r\nhost: x\r\nx-standin-delay-ms: 30000\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let _ = child.kill();
         let _ = child.wait();
         let text = std::fs::read_to_string(&log).unwrap();
@@ -385,12 +398,25 @@ async fn the_access_log_never_contains_a_token() {
             .lines()
             .find(|l| l.contains("access_token=<redacted>"))
             .unwrap_or_else(|| panic!("{format}: no access line:\n{text}"));
+        let left = text
+            .lines()
+            .find(|l| l.contains("since=s2"))
+            .unwrap_or_else(|| panic!("{format}: no line for the abandoned request:\n{text}"));
         if format == "json" {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["route"], "sync");
             assert_eq!(v["worker"], "client_sync1");
             assert_eq!(v["status"], 200);
+            let v: serde_json::Value = serde_json::from_str(left).unwrap();
+            assert_eq!(
+                (v["status"].as_u64(), v["worker"].as_str()),
+                (Some(499), Some("client_sync1"))
+            );
         } else {
+            assert!(
+                left.contains("\" 499 0 ") && left.contains("worker=client_sync1"),
+                "{left}"
+            );
             assert!(
                 line.contains("route=sync")
                     && line.contains("worker=client_sync1")

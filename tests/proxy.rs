@@ -283,7 +283,7 @@ async fn a_stalled_worker_gets_504_while_long_polls_wait_longer() {
 }
 
 #[tokio::test]
-async fn a_client_leaving_a_long_poll_cancels_the_upstream_request() {
+async fn a_client_leaving_a_long_poll_cancels_the_upstream_request_and_is_counted() {
     let h = Harness::start("").await;
     let sync = h.standin("client_sync1");
     let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
@@ -308,6 +308,25 @@ async fn a_client_leaving_a_long_poll_cancels_the_upstream_request() {
         "took {:?}",
         cancelled[0] - left
     );
+    // Counted as abandoned (Nginx's 499), by route and worker; nothing
+    // counted as answered.
+    let m = h.proxy.metrics();
+    let by_sync_worker = |vec: &prometheus::IntCounterVec| -> u64 {
+        use prometheus::core::Collector;
+        vec.collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .filter(|s| {
+                let l = s.get_label();
+                l.iter().any(|p| p.name() == "route" && p.value() == "sync")
+                    && l.iter()
+                        .any(|p| p.name() == "worker" && p.value() == "client_sync1")
+            })
+            .map(|s| s.get_counter().get_value() as u64)
+            .sum()
+    };
+    assert_eq!(by_sync_worker(&m.abandoned), 1);
+    assert_eq!(by_sync_worker(&m.requests), 0);
 }
 
 #[tokio::test]
