@@ -625,3 +625,53 @@ async fn over_tls_a_kept_alive_connection_serves_on_and_a_client_leaving_a_long_
     );
     assert!(cancelled[0] - left < Duration::from_secs(1));
 }
+
+#[tokio::test]
+async fn over_tls_pipelined_requests_left_waiting_inside_tls_are_all_answered_in_order() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h, _store, _) = tls_edge(&pki, dir.path(), "").await;
+    let mut tls = connect(&pki, h.addr(1), "example.org", &[b"http/1.1"]).await;
+    // Three requests in one write, each exactly as long as the edge's
+    // first read (4 KiB): after each, nothing is left in the edge's buffer while
+    // the next waits decrypted inside TLS (the socket has nothing more to
+    // say, so only asking TLS finds it).
+    let request = |i: usize| {
+        let bare = format!(
+            "GET /_matrix/client/versions?n={i} HTTP/1.1\r\nhost: example.org\r\nx-pad: \r\n\r\n"
+        );
+        let pad = "p".repeat(4096 - bare.len());
+        format!(
+            "GET /_matrix/client/versions?n={i} HTTP/1.1\r\nhost: example.org\r\nx-pad: {pad}\r\n\r\n"
+        )
+    };
+    let all: String = (0..3).map(request).collect();
+    assert_eq!(all.len(), 3 * 4096);
+    tls.write_all(all.as_bytes()).await.unwrap();
+    for i in 0..3 {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut byte))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert_eq!(n, 1, "closed mid-answer");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content-length");
+        let mut body = vec![0u8; len];
+        tls.read_exact(&mut body).await.unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains(&format!("n={i}")),
+            "answer {i} out of order: {body}"
+        );
+    }
+}
