@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::harness::Harness;
+use common::harness::{Harness, read_answer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -23,33 +23,6 @@ async fn read_to_close(s: &mut TcpStream) -> String {
     let mut all = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
     String::from_utf8_lossy(&all).into_owned()
-}
-
-/// Reads one response with a Content-Length body off a kept-alive
-/// connection: (head, body).
-async fn read_one(s: &mut TcpStream) -> (String, String) {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .expect("an answer in time")
-            .unwrap();
-        assert_eq!(n, 1, "closed mid-head: {}", String::from_utf8_lossy(&buf));
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .expect("a content-length");
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.unwrap();
-    (head, String::from_utf8_lossy(&body).into_owned())
 }
 
 fn json(body: &str) -> serde_json::Value {
@@ -69,8 +42,8 @@ async fn pipelined_requests_are_answered_in_order_each_by_its_own_worker() {
          GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
     );
     s.write_all(both.as_bytes()).await.unwrap();
-    let (head1, body1) = read_one(&mut s).await;
-    let (head2, body2) = read_one(&mut s).await;
+    let (head1, body1) = read_answer(&mut s).await;
+    let (head2, body2) = read_answer(&mut s).await;
     assert!(head1.starts_with("HTTP/1.1 200"), "{head1}");
     assert!(head2.starts_with("HTTP/1.1 200"), "{head2}");
     assert!(
@@ -103,7 +76,7 @@ async fn a_chunked_upload_reaches_the_worker_whole_and_the_connection_goes_on() 
     )
     .await
     .unwrap();
-    let (head, body) = read_one(&mut s).await;
+    let (head, body) = read_answer(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let seen = json(&body);
     assert_eq!(seen["body_bytes"], 11);
@@ -117,7 +90,7 @@ async fn a_chunked_upload_reaches_the_worker_whole_and_the_connection_goes_on() 
     s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let (head, _) = read_one(&mut s).await;
+    let (head, _) = read_answer(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 
@@ -140,7 +113,7 @@ async fn http_1_0_clients_are_answered_and_closed_unless_they_ask_for_keep_alive
     s.write_all(b"GET /_matrix/client/versions HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         .await
         .unwrap();
-    let (head, _) = read_one(&mut s).await;
+    let (head, _) = read_answer(&mut s).await;
     assert!(
         head.to_ascii_lowercase().contains("connection: keep-alive"),
         "{head}"
@@ -224,7 +197,7 @@ async fn a_request_head_over_the_limit_gets_431_and_reaches_no_worker() {
     )
     .await
     .unwrap();
-    let (head, _) = read_one(&mut s).await;
+    let (head, _) = read_answer(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::harness::{Harness, wait_for_cancelled, wait_for_requests};
+use common::harness::{Harness, read_answer, wait_for_cancelled, wait_for_requests};
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -591,21 +591,8 @@ async fn over_tls_a_kept_alive_connection_serves_on_and_a_client_leaving_a_long_
         tls.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: example.org\r\n\r\n")
             .await
             .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "closed mid-answer");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("a content-length");
-        let mut body = vec![0u8; len];
-        tls.read_exact(&mut body).await.unwrap();
+        let (head, _) = read_answer(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     }
     // Then a long-poll, and the client goes away.
     let sync = h.standin("client_sync1");
@@ -649,26 +636,8 @@ async fn over_tls_pipelined_requests_left_waiting_inside_tls_are_all_answered_in
     assert_eq!(all.len(), 3 * 4096);
     tls.write_all(all.as_bytes()).await.unwrap();
     for i in 0..3 {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut byte))
-                .await
-                .expect("an answer in time")
-                .unwrap();
-            assert_eq!(n, 1, "closed mid-answer");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("a content-length");
-        let mut body = vec![0u8; len];
-        tls.read_exact(&mut body).await.unwrap();
-        let body = String::from_utf8_lossy(&body);
+        let (head, body) = read_answer(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert!(
             body.contains(&format!("n={i}")),
             "answer {i} out of order: {body}"
