@@ -76,8 +76,9 @@ type RequestSeriesKey = (usize, u32, u8, u8);
 
 thread_local! {
     /// Each serving thread's request series for the current snapshot: a
-    /// label lookup (hashing five strings, a lock) once per combination
-    /// instead of twice per request.
+    /// label lookup (hashing five strings under a read lock that every
+    /// serving thread shares, so its cache line moves between cores) once
+    /// per combination instead of twice per request.
     static REQUEST_SERIES: std::cell::RefCell<(u64, std::collections::HashMap<RequestSeriesKey, RequestSeries>)> =
         std::cell::RefCell::new((0, std::collections::HashMap::new()));
 }
