@@ -10,7 +10,10 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use smallvec::SmallVec;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The largest read of a body at a time.
+const MAX_BODY_READ: usize = 64 << 10;
 
 /// The longest chunk-size line or trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4 << 10;
@@ -89,6 +92,29 @@ impl BodyFraming {
     pub fn is_done(&self) -> bool {
         self.remaining() == Some(0)
     }
+
+    /// How much to read at once for the rest of the body: what is left
+    /// (at least 1 KiB, at most 64 KiB), or 16 KiB when that is unknown.
+    pub fn useful_read(&self) -> usize {
+        match self.remaining() {
+            Some(n) => n.clamp(1024, MAX_BODY_READ as u64) as usize,
+            None => MAX_BODY_READ / 4,
+        }
+    }
+}
+
+/// Reads what is there into `buf`, first growing it by `want` bytes when
+/// less than 1 KiB (or `want`) of room is left.
+pub fn poll_read_more<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < want.min(1024) {
+        buf.reserve(want);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 impl ChunkState {

@@ -27,8 +27,6 @@ const MAX_HEADERS: usize = 128;
 const MAX_HEAD: usize = 64 << 10;
 /// First read of an answer: a head and, for most Matrix answers, the body.
 const FIRST_READ: usize = 8 << 10;
-/// The largest read while streaming a body.
-const MAX_READ: usize = 64 << 10;
 
 /// A connection to a worker: its inbound Unix socket or TCP listener.
 #[derive(Debug)]
@@ -74,10 +72,7 @@ impl Conn {
         buf: &mut BytesMut,
         want: usize,
     ) -> Poll<io::Result<usize>> {
-        if buf.capacity() - buf.len() < want.min(1024) {
-            buf.reserve(want);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+        crate::http1::poll_read_more(self, cx, buf, want)
     }
 
     async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
@@ -424,18 +419,14 @@ fn parse_head(
 
 impl Conn {
     /// Reads more of an answer's body into `buf`, as much as its framing
-    /// lets be useful (up to 64 KiB at a time).
+    /// lets be useful.
     pub fn poll_read_body(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
         framing: &BodyFraming,
     ) -> Poll<io::Result<usize>> {
-        let want = match framing.remaining() {
-            Some(n) => (n as usize).clamp(1024, MAX_READ),
-            None => MAX_READ / 4,
-        };
-        self.poll_read_into(cx, buf, want)
+        self.poll_read_into(cx, buf, framing.useful_read())
     }
 }
 
