@@ -582,3 +582,66 @@ async fn a_client_expecting_100_continue_is_told_to_send_and_its_body_arrives() 
     assert!(answer.contains("\"body_bytes\":4096"), "{answer}");
     assert!(!answer.contains("\"expect\""), "{answer}");
 }
+
+/// Open client connections by protocol, as `synapse_edge_client_connections`
+/// counts them.
+fn open_connections(h: &Harness, protocol: &str) -> i64 {
+    use prometheus::core::Collector;
+    h.proxy
+        .metrics()
+        .client_connections
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .filter(|s| {
+            s.get_label()
+                .iter()
+                .any(|l| l.name() == "protocol" && l.value() == protocol)
+        })
+        .map(|s| s.get_gauge().get_value() as i64)
+        .sum()
+}
+
+async fn until_open(h: &Harness, protocol: &str, n: i64) {
+    for _ in 0..100 {
+        if open_connections(h, protocol) == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open_connections(h, protocol), n, "{protocol} connections");
+}
+
+#[tokio::test]
+async fn open_client_connections_are_counted_by_protocol_until_they_close() {
+    let h = Harness::start("").await;
+    // HTTP/1.1, kept alive after its request, then closed by the client.
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = common::harness::read_answer(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    until_open(&h, "h1", 1).await;
+    drop(s);
+    until_open(&h, "h1", 0).await;
+    // HTTP/2 with prior knowledge, until its client goes.
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = client
+        .request(
+            Request::get(format!("{}/_matrix/client/versions", h.base))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    until_open(&h, "h2", 1).await;
+    drop(resp);
+    drop(client);
+    until_open(&h, "h2", 0).await;
+}

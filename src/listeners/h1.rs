@@ -34,15 +34,16 @@ use http::header::{
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use prometheus::IntGauge;
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::ServerSettings;
+use super::{OpenConnection, ServerSettings};
 use crate::body::{ClientBody, ResponseBody};
-use crate::http1::{BodyFraming, ChunkState, Cursor, Decoded, chunk_frame, poll_write_slices};
+use crate::http1::{
+    BodyFraming, ChunkState, Cursor, Decoded, chunk_frame, poll_read_more, poll_write_slices,
+};
 use crate::proxy::{ClientConn, Proxy, matrix_error};
 
 /// The HTTP/2 connection preface. A cleartext client that starts with it
@@ -51,8 +52,6 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The first read of a request: a Matrix request head, bearer token and
 /// all, is well under 1 KiB.
 const FIRST_READ: usize = 4 << 10;
-/// The largest read of a request body at a time.
-const MAX_BODY_READ: usize = 64 << 10;
 /// Header slots on the stack; a larger configured limit takes the heap.
 const STACK_HEADERS: usize = 100;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -146,7 +145,7 @@ pub async fn serve<I: ClientIo>(
         body: BodyState::None,
         continue_sent: None,
     }));
-    let mut open: Option<OpenConn> = None;
+    let mut open: Option<OpenConnection> = None;
     let mut first = true;
     loop {
         // The head is used up in the arm: a parked request's state holds
@@ -200,7 +199,7 @@ pub async fn serve<I: ClientIo>(
             }
         };
         first = false;
-        open.get_or_insert_with(|| OpenConn::new(proxy, &client));
+        open.get_or_insert_with(|| OpenConnection::count(proxy, &client, "h1"));
         let Some(resp) = handled.await else {
             // The client left: dropping the request cancelled its exchange.
             break;
@@ -233,32 +232,6 @@ pub async fn serve<I: ClientIo>(
         }
     }
     Ended::Closed
-}
-
-/// Counts an open client connection once its first request came.
-struct OpenConn(IntGauge);
-
-impl OpenConn {
-    fn new(proxy: &Proxy, client: &ClientConn) -> OpenConn {
-        let tls = if client.scheme == "https" {
-            "true"
-        } else {
-            "false"
-        };
-        let g =
-            proxy
-                .metrics()
-                .client_connections
-                .with_label_values(&[&client.role.name, "h1", tls]);
-        g.inc();
-        OpenConn(g)
-    }
-}
-
-impl Drop for OpenConn {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 /// What waiting for the next request gave.
@@ -457,8 +430,7 @@ fn poll_client_gone<I: ClientIo>(conn: &SharedConn<I>, cx: &mut Context<'_>) -> 
     if ready!(s.io.poll_readable(cx)).is_err() {
         return Poll::Ready(true);
     }
-    s.buf.reserve(FIRST_READ);
-    match tokio_util::io::poll_read_buf(Pin::new(&mut s.io), cx, &mut s.buf) {
+    match poll_read_more(&mut s.io, cx, &mut s.buf, FIRST_READ) {
         Poll::Pending => {
             s.buf = BytesMut::new();
             Poll::Pending
@@ -573,17 +545,8 @@ impl<I: ClientIo> ReadBody for SharedConn<I> {
                     ))));
                 }
             }
-            let want = framing.remaining().map_or(MAX_BODY_READ / 4, |n| {
-                n.clamp(1024, MAX_BODY_READ as u64) as usize
-            });
-            if s.buf.capacity() - s.buf.len() < want.min(1024) {
-                s.buf.reserve(want);
-            }
-            match ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut s.io),
-                cx,
-                &mut s.buf
-            )) {
+            let want = framing.useful_read();
+            match ready!(poll_read_more(&mut s.io, cx, &mut s.buf, want)) {
                 Ok(0) => {
                     s.body = BodyState::Failed;
                     return Poll::Ready(Some(Err(io::Error::new(

@@ -281,8 +281,9 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
 }
 
-/// hyper's default limit on request header lines.
-const HYPER_MAX_HEADERS: usize = 100;
+/// The default limit on a request's header lines (hyper's and httparse's
+/// usual figure).
+const DEFAULT_MAX_HEADERS: usize = 100;
 
 /// Task polls between two looks at the I/O driver on a serving thread.
 const SERVING_EVENT_INTERVAL: u32 = 8;
@@ -510,28 +511,14 @@ where
         in_flight: AtomicUsize::new(0),
         last_done_ms: AtomicU64::new(0),
     });
-    // Counted as open once its protocol is known (at its first request).
-    let open: Arc<OnceLock<IntGauge>> = Arc::new(OnceLock::new());
     let svc = {
         let activity = activity.clone();
         let proxy = ctx.proxy.clone();
-        let open = open.clone();
+        // Counted as open from its first request, as HTTP/1 connections
+        // are; the count ends when the connection drops its service.
+        let open: OnceLock<OpenConnection> = OnceLock::new();
         service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            open.get_or_init(|| {
-                let protocol = "h2";
-                let tls = if client.scheme == "https" {
-                    "true"
-                } else {
-                    "false"
-                };
-                let g = proxy.metrics().client_connections.with_label_values(&[
-                    &client.role.name,
-                    protocol,
-                    tls,
-                ]);
-                g.inc();
-                g
-            });
+            open.get_or_init(|| OpenConnection::count(&proxy, &client, "h2"));
             let guard = activity.begin();
             let proxy = proxy.clone();
             let client = client.clone();
@@ -570,8 +557,32 @@ where
             }
         }
     }
-    if let Some(g) = open.get() {
-        g.dec();
+}
+
+/// A client connection counted in `synapse_edge_client_connections` (by
+/// listener, protocol and TLS) for as long as this lives.
+pub(crate) struct OpenConnection(IntGauge);
+
+impl OpenConnection {
+    pub(crate) fn count(proxy: &Proxy, client: &ClientConn, protocol: &str) -> OpenConnection {
+        let tls = if client.scheme == "https" {
+            "true"
+        } else {
+            "false"
+        };
+        let g = proxy.metrics().client_connections.with_label_values(&[
+            &client.role.name,
+            protocol,
+            tls,
+        ]);
+        g.inc();
+        OpenConnection(g)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -640,7 +651,7 @@ impl ServerSettings {
                 .limits
                 .max_header_size
                 .map_or(64 << 10, |b| b.0 as usize),
-            max_headers: edge.limits.max_headers.unwrap_or(HYPER_MAX_HEADERS),
+            max_headers: edge.limits.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
             header_read_timeout: edge.timeouts.header_read,
             client_idle_timeout: edge.timeouts.client_idle,
             drain_timeout: edge.timeouts.drain,
