@@ -273,7 +273,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         req: Request<ClientBody>,
-        conn: ClientConn,
+        conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let snap = self.current.load_full();
@@ -296,7 +296,7 @@ impl Proxy {
             peer: conn.peer,
             done: false,
         };
-        let mut resp = snap.handle(req, &conn, &mut unanswered.served, m).await;
+        let mut resp = snap.handle(req, conn, &mut unanswered.served, m).await;
         let (served, access) = unanswered.answered();
         if let Some(hsts) = &conn.role.hsts {
             resp.headers_mut()

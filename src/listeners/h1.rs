@@ -48,7 +48,7 @@ use crate::proxy::{ClientConn, Proxy, matrix_error};
 
 /// The HTTP/2 connection preface. A cleartext client that starts with it
 /// speaks HTTP/2 from its first byte (h2c with prior knowledge).
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The first read of a request: a Matrix request head, bearer token and
 /// all, is well under 1 KiB.
 const FIRST_READ: usize = 4 << 10;
@@ -160,7 +160,7 @@ pub async fn serve<I: ClientIo>(
                 let handled = WhileClientStays {
                     conn: &conn,
                     watching: true,
-                    serving: proxy.handle(into_request(head, &conn), client.clone()),
+                    serving: proxy.handle(into_request(head, &conn), &client),
                 };
                 (handled, facts.0, facts.1, facts.2)
             }
@@ -863,7 +863,7 @@ async fn write_response<I: ClientIo>(
     };
     if let Some(n) = length {
         head.extend_from_slice(b"content-length: ");
-        push_decimal(&mut head, n);
+        head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     if delimited == Delimited::Chunked {
@@ -997,22 +997,6 @@ async fn linger<I: ClientIo>(conn: &SharedConn<I>) {
         }
     });
     let _ = tokio::time::timeout(LINGER, drain).await;
-}
-
-/// Appends `n` in decimal, without a String.
-fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// Appends the current time as an HTTP date, formatted once a second per
@@ -1189,15 +1173,6 @@ mod tests {
                 }
             }
             let _ = head_ends_in(&raw, (next() as usize) % (raw.len() + 1));
-        }
-    }
-
-    #[test]
-    fn decimals_are_written_whole() {
-        for n in [0, 7, 10, 1234567890, u64::MAX] {
-            let mut out = Vec::new();
-            push_decimal(&mut out, n);
-            assert_eq!(out, n.to_string().into_bytes());
         }
     }
 

@@ -523,7 +523,7 @@ where
             let proxy = proxy.clone();
             let client = client.clone();
             async move {
-                let resp = proxy.handle(req.map(ClientBody::H2), client).await;
+                let resp = proxy.handle(req.map(ClientBody::H2), &client).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             }
