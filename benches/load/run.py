@@ -27,14 +27,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 EDGE = ROOT / "target" / "release" / "synapse-edge"
+# Another build of the edge to compare in the same rounds (an A/B of a
+# change): its short-request runs are reported as "edge-b".
+EDGE_B = os.environ.get("BENCH_EDGE_B")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 PARKED = int(os.environ.get("BENCH_PARKED", "2000"))
+# Synapse's answers are mostly larger than the stand-ins' 28 bytes; this pads
+# every stand-in answer to about that many bytes (0: the small answer).
+ANSWER_BYTES = int(os.environ.get("BENCH_ANSWER_BYTES", "0"))
 # A subset for quick A/Bs while working, e.g. BENCH_SCENARIOS=http,longpoll
 SCENARIOS = os.environ.get("BENCH_SCENARIOS", "http,https,upload,longpoll").split(",")
 ROUTED = ["main", "client_sync1", "rooms1", "rooms2", "rooms3", "rooms4", "federation_reader1", "media1"]
-PORT = {"direct": 18100, "nginx": 18101, "nginx-tls": 18102, "edge": 18103, "edge-tls": 18104, "stub": 18109}
+PORT = {"direct": 18100, "nginx": 18101, "nginx-tls": 18102, "edge": 18103, "edge-tls": 18104, "edge-b": 18105,
+        "edge-b-tls": 18106, "stub": 18109}
 
 procs = []
 WORKER_PIDS = []  # the stand-in workers' Nginx processes
@@ -148,14 +155,21 @@ def accepts():
 
 def worker_nginx(run, slow_sync=False):
     servers = []
+
+    def body(w):
+        small = f'{{"worker":"{w}"}}'
+        if ANSWER_BYTES <= len(small):
+            return small
+        return f'{{"worker":"{w}","pad":"' + "x" * max(0, ANSWER_BYTES - len(small) - 9) + '"}'
+
     for w in ROUTED:
         if slow_sync and w == "client_sync1":
             continue
         servers.append(f"""  server {{ listen unix:{run}/sockets/synapse_inbound_{w}.sock; client_max_body_size 100m;
     location = /health {{ return 200 "OK"; }}
-    location / {{ add_header X-Worker {w}; default_type application/json; return 200 '{{"worker":"{w}"}}'; }} }}""")
+    location / {{ add_header X-Worker {w}; default_type application/json; return 200 '{body(w)}'; }} }}""")
     servers.append(f"""  server {{ listen 127.0.0.1:{PORT['direct']} reuseport; client_max_body_size 100m;
-    location / {{ add_header X-Worker direct; default_type application/json; return 200 '{{"worker":"direct"}}'; }} }}""")
+    location / {{ add_header X-Worker direct; default_type application/json; return 200 '{body("direct")}'; }} }}""")
     servers.append(f"""  server {{ listen 127.0.0.1:{PORT['stub']}; location /stub {{ stub_status; }} }}""")
     conf = f"""user root; worker_processes 1; daemon off; pid {run}/workers.pid; error_log {run}/workers-error.log warn;
 worker_rlimit_nofile 65536;
@@ -336,30 +350,43 @@ def main():
         wait_port(PORT["direct"])
         WORKER_PIDS[:] = children(workers.pid)
         nginx = start(["taskset", "-c", "1", "nginx", "-c", str(proxy_nginx(run)), "-p", str(run)], run / "proxy.log")
-        edge = start(["taskset", "-c", "1", str(EDGE), "run", "--threads", "1", "--listen", f"127.0.0.1:{PORT['edge']}",
-                      "--listen-tls", f"127.0.0.1:{PORT['edge-tls']}", "--tls-cert", str(run / "cert.pem"),
-                      "--tls-key", str(run / "key.pem"), "--config", str(run / "edge.yaml"),
-                      "--synapse-config", str(run / "homeserver.yaml"), "--synapse-config", str(run / "workers")],
-                     run / "edge.log")
-        for p in (PORT["nginx"], PORT["edge"], PORT["edge-tls"]):
+
+        def start_edge(binary, name):
+            return start(["taskset", "-c", "1", str(binary), "run", "--threads", "1", "--listen", f"127.0.0.1:{PORT[name]}",
+                          "--listen-tls", f"127.0.0.1:{PORT[name + '-tls']}", "--tls-cert", str(run / "cert.pem"),
+                          "--tls-key", str(run / "key.pem"), "--config", str(run / "edge.yaml"),
+                          "--synapse-config", str(run / "homeserver.yaml"), "--synapse-config", str(run / "workers")],
+                         run / f"{name}.log")
+
+        edge = start_edge(EDGE, "edge")
+        edge_b = start_edge(EDGE_B, "edge-b") if EDGE_B else None
+        for p in (PORT["nginx"], PORT["edge"], PORT["edge-tls"]) + ((PORT["edge-b"],) if edge_b else ()):
             wait_port(p)
         wait_answers(PORT["nginx"])
         wait_answers(PORT["edge"])
+        if edge_b:
+            wait_answers(PORT["edge-b"])
         nginx_pids, edge_pids = children(nginx.pid), [edge.pid]
         print(f"machine: {results['machine']}\nwrk: 1 thread, {CONNS} connections, {SECONDS} s per run, {ROUNDS} rounds; "
               f"proxies and workers on core 1, wrk on core 0\n", flush=True)
         wrk(PORT["nginx"], seconds=2)
         wrk(PORT["edge"], seconds=2)
+        if edge_b:
+            wrk(PORT["edge-b"], seconds=2)
         for scenario, tls in (("http", False), ("https", True)):
             if scenario not in SCENARIOS:
                 continue
             print(f"short requests over {scenario.upper()}:")
             runs = {"direct": [], "nginx": [], "edge": []}
+            if edge_b:
+                runs["edge-b"] = []
             for _ in range(ROUNDS):
                 if not tls:
                     runs["direct"].append(measured("direct", PORT["direct"], [], tls))
                 runs["nginx"].append(measured("nginx", PORT["nginx-tls" if tls else "nginx"], nginx_pids, tls))
                 runs["edge"].append(measured("edge", PORT["edge-tls" if tls else "edge"], edge_pids, tls))
+                if edge_b:
+                    runs["edge-b"].append(measured("edge-b", PORT["edge-b-tls" if tls else "edge-b"], [edge_b.pid], tls))
             results[scenario] = runs
         if "upload" in SCENARIOS:
             blob = run / "50MiB.bin"

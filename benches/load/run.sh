@@ -3,6 +3,8 @@
 # workers (not part of the test suite). Installs nginx, wrk and matplotlib
 # if missing, builds the release binary, runs benches/load/run.py.
 #   BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=64 BENCH_PARKED=2000 benches/load/run.sh
+# Also: BENCH_SCENARIOS=http,https (a subset), BENCH_ANSWER_BYTES=2000 (larger
+# worker answers), BENCH_EDGE_B=path/to/other/synapse-edge (an A/B of two builds).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 need=()
