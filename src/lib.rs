@@ -12,6 +12,7 @@ pub mod balancing;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod conn_timer;
 pub mod demo;
 pub mod front;
 pub mod generate;

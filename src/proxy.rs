@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::balancing::Health;
 use crate::body::{BodyProgress, ClientBody, RequestBody, ResponseBody, Tap, Unsent};
 use crate::config::Timeouts;
+use crate::conn_timer::ConnTimer;
 use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
 use crate::metrics::{Metrics, method_label, status_class};
@@ -201,6 +202,10 @@ pub struct ClientConn {
     pub role: Arc<ListenerRole>,
     /// `peer` as an X-Forwarded-For value, formatted once per connection.
     peer_header: HeaderValue,
+    /// Times the connection's waits: for its next request (the listener)
+    /// and for a worker's answer (the proxy). A clone, one per HTTP/2
+    /// stream, has a timer of its own.
+    pub timer: ConnTimer,
 }
 
 impl ClientConn {
@@ -212,6 +217,7 @@ impl ClientConn {
             scheme,
             role,
             peer_header,
+            timer: ConnTimer::default(),
         }
     }
 }
@@ -685,7 +691,10 @@ impl Snapshot {
                 progress.clone(),
                 Some(body_bytes.clone()),
             );
-            match self.attempt(worker, &head, body, timeout, &progress).await {
+            match self
+                .attempt(worker, &head, body, timeout, &progress, &conn.timer)
+                .await
+            {
                 Ok(resp) => {
                     served.upstream = sent_at.map(|t| t.elapsed());
                     let (mut parts, body) = resp.into_parts();
@@ -743,11 +752,17 @@ impl Snapshot {
         body: RequestBody,
         timeout: Duration,
         progress: &'a BodyProgress,
+        timer: &'a ConnTimer,
     ) -> impl Future<Output = Result<Response<crate::upstream::PooledBody>, AttemptError>> + 'a
     {
         // Not an async fn: the body moves straight into the send future
         // instead of being kept twice in a parked request's state.
-        answer_within(self.upstreams.send(worker, head, body), timeout, progress)
+        answer_within(
+            self.upstreams.send(worker, head, body),
+            timeout,
+            progress,
+            timer,
+        )
     }
 }
 
@@ -759,19 +774,25 @@ pin_project_lite::pin_project! {
     struct AnswerWithin<'a, F> {
         #[pin]
         send: F,
-        #[pin]
-        deadline: tokio::time::Sleep,
+        // The connection's timer: no timer registered per request.
+        timer: &'a ConnTimer,
         last: Instant,
         timeout: Duration,
         progress: &'a BodyProgress,
     }
 }
 
-fn answer_within<F>(send: F, timeout: Duration, progress: &BodyProgress) -> AnswerWithin<'_, F> {
+fn answer_within<'a, F>(
+    send: F,
+    timeout: Duration,
+    progress: &'a BodyProgress,
+    timer: &'a ConnTimer,
+) -> AnswerWithin<'a, F> {
     let last = progress.last_activity();
+    timer.set(last + timeout);
     AnswerWithin {
         send,
-        deadline: tokio::time::sleep_until(last + timeout),
+        timer,
         last,
         timeout,
         progress,
@@ -788,18 +809,18 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let std::task::Poll::Ready(r) = this.send.poll(cx) {
             return std::task::Poll::Ready(r.map_err(AttemptError::Upstream));
         }
-        while this.deadline.as_mut().poll(cx).is_ready() {
+        while this.timer.poll_expired(cx).is_ready() {
             let last = this.progress.last_activity();
             if last <= *this.last {
                 return std::task::Poll::Ready(Err(AttemptError::TimedOut));
             }
             // The body moved since: the wait starts again from then.
             *this.last = last;
-            this.deadline.as_mut().reset(last + *this.timeout);
+            this.timer.set(last + *this.timeout);
         }
         std::task::Poll::Pending
     }

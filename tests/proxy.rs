@@ -501,6 +501,59 @@ async fn a_long_poll_is_not_an_idle_connection() {
     assert_eq!(a.status, StatusCode::OK);
 }
 
+/// One kept-alive connection goes through waits with different timeouts in
+/// turn (a long-poll, a stalled request, then idleness): each wait ends at
+/// its own timeout, not at one left from an earlier wait.
+#[tokio::test]
+async fn each_wait_on_a_kept_alive_connection_keeps_its_own_timeout() {
+    let h = Harness::start(
+        "timeouts:\n  upstream: 400ms\n  long_poll: 5s\n  client_idle: 700ms\n  header_read: 30s\n",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    let send = |target: &str, delay_ms: u32| {
+        format!("GET {target} HTTP/1.1\r\nhost: x\r\nx-standin-delay-ms: {delay_ms}\r\n\r\n")
+    };
+    // A quick request first: its answer wait is the short upstream timeout.
+    s.write_all(send("/_matrix/client/versions", 0).as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = common::harness::read_answer(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // A long-poll outlives the upstream timeout...
+    s.write_all(send("/_matrix/client/v3/sync?since=s1", 1200).as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = common::harness::read_answer(&mut s).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "the long-poll was cut: {head}"
+    );
+    // ...and the stalled request after it still gets its 504 in time.
+    let t0 = tokio::time::Instant::now();
+    s.write_all(send("/_matrix/client/versions", 3000).as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = common::harness::read_answer(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_millis(1500),
+        "504 after {waited:?}, for a 400 ms timeout"
+    );
+    // Then the connection idles out after its idle timeout.
+    let t0 = tokio::time::Instant::now();
+    let closed = read_until_closed(&mut s, Duration::from_secs(4)).await;
+    assert!(closed.is_some(), "the idle connection stayed open");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_millis(2000),
+        "closed after {waited:?} idle, for a 700 ms timeout"
+    );
+}
+
 /// Sends a GET with `extra` header lines on a fresh connection; the status.
 async fn status_with_headers(h: &Harness, extra: usize) -> String {
     let mut s = tokio::net::TcpStream::connect(h.base.trim_start_matches("http://"))

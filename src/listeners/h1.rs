@@ -41,6 +41,7 @@ use tokio::time::Instant;
 
 use super::{OpenConnection, ServerSettings};
 use crate::body::{ClientBody, ResponseBody};
+use crate::conn_timer::ConnTimer;
 use crate::http1::{
     BodyFraming, ChunkState, Cursor, Decoded, chunk_frame, poll_read_more, poll_write_slices,
 };
@@ -151,7 +152,11 @@ pub async fn serve<I: ClientIo>(
         // The head is used up in the arm: a parked request's state holds
         // the proxy's future and nothing of the head beside it.
         let (handled, keep_alive, version, is_head) = match next_head(
-            &conn, settings, first, &mut stop,
+            &conn,
+            &client.timer,
+            settings,
+            first,
+            &mut stop,
         )
         .await
         {
@@ -248,6 +253,7 @@ enum Next {
 /// closes the connection.
 async fn next_head<I: ClientIo>(
     conn: &SharedConn<I>,
+    timer: &ConnTimer,
     settings: &ServerSettings,
     first: bool,
     stop: &mut watch::Receiver<bool>,
@@ -296,7 +302,7 @@ async fn next_head<I: ClientIo>(
             }
         }
         let idle = head_deadline.is_none();
-        let deadline = head_deadline.unwrap_or(idle_deadline);
+        timer.set(head_deadline.unwrap_or(idle_deadline));
         let limit = settings.max_header_size;
         tokio::select! {
             biased;
@@ -304,7 +310,7 @@ async fn next_head<I: ClientIo>(
                 Ok(0) | Err(_) => return Next::Closed,
                 Ok(_) => {}
             },
-            _ = tokio::time::sleep_until(deadline) => return Next::Closed,
+            _ = timer.expired() => return Next::Closed,
             _ = stop.wait_for(|s| *s), if idle => return Next::Closed,
         }
     }
