@@ -38,7 +38,7 @@ PARKED = int(os.environ.get("BENCH_PARKED", "2000"))
 # every stand-in answer to about that many bytes (0: the small answer).
 ANSWER_BYTES = int(os.environ.get("BENCH_ANSWER_BYTES", "0"))
 # A subset for quick A/Bs while working, e.g. BENCH_SCENARIOS=http,longpoll
-SCENARIOS = os.environ.get("BENCH_SCENARIOS", "http,https,upload,longpoll").split(",")
+SCENARIOS = os.environ.get("BENCH_SCENARIOS", "http,https,h2,upload,longpoll").split(",")
 ROUTED = ["main", "client_sync1", "rooms1", "rooms2", "rooms3", "rooms4", "federation_reader1", "media1"]
 PORT = {"direct": 18100, "nginx": 18101, "nginx-tls": 18102, "edge": 18103, "edge-tls": 18104, "edge-b": 18105,
         "edge-b-tls": 18106, "stub": 18109}
@@ -230,9 +230,52 @@ def wrk(port, tls=False, seconds=SECONDS, conns=CONNS):
     return r
 
 
-def measured(name, port, pids, tls=False):
+def h2_mix_targets():
+    """The mix's GETs as h2load targets (it sends one method): the same
+    rotation of rooms and users' tokens as mix.lua, without the PUTs."""
+    b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    def user(n):
+        s, v = "", n + 4096
+        while v > 0:
+            s, v = s + b64[v % 64], v // 64
+        return s
+
+    out = []
+    for c in range(1, 2001):
+        k, room = c % 10, f"%21room{(c * 7919) % 2000}%3Abench.example"
+        if k < 5:
+            out.append(f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10")
+        elif k < 8:
+            out.append(f"/_matrix/client/v3/sync?since=s{c}_1&timeout=0&access_token=syt_{user(c % 500)}_aBcDeFgHiJkLmNoPqRsT_1a2b3c")
+        elif k < 9:
+            out.append(f"/_matrix/client/v1/media/download/bench.example/m{c % 100}")
+        else:
+            out.append("/_matrix/client/versions")
+    return out
+
+
+def h2load(port, tls=True, seconds=SECONDS, conns=CONNS):
+    """HTTP/2 over TLS, as browsers and mobile apps speak to a homeserver:
+    one stream at a time per connection, like wrk's HTTP/1.1."""
+    with tempfile.TemporaryDirectory() as d:
+        targets, log = Path(d) / "targets", Path(d) / "log"
+        targets.write_text("".join(f"https://127.0.0.1:{port}{t}\n" for t in h2_mix_targets()))
+        out = sh(["taskset", "-c", "0", "h2load", "-t1", f"-c{conns}", "-m1", "-D", str(seconds),
+                  "--log-file", str(log), "-i", str(targets)]).stdout
+        # start (µs since the epoch), status, µs to the end of the answer
+        rows = [l.split("\t") for l in log.read_text().splitlines() if l.count("\t") == 2]
+    lat = sorted(int(r[2]) for r in rows)
+    errors = int(re.search(r"(\d+) failed, (\d+) errored", out).group(1)) if "failed" in out else 0
+    return {"requests": len(rows), "duration_us": seconds * 1_000_000, "errors": errors,
+            "non2xx": sum(1 for r in rows if not r[1].startswith("2")),
+            "p50_us": lat[len(lat) // 2] if lat else 0, "p99_us": lat[len(lat) * 99 // 100] if lat else 0,
+            "rps": len(rows) / seconds}
+
+
+def measured(name, port, pids, tls=False, load=wrk):
     a0, c0, s0, w0, wc0 = accepts(), cpu_seconds(pids), switches(pids), switches(WORKER_PIDS), cpu_seconds(WORKER_PIDS)
-    r = wrk(port, tls)
+    r = load(port, tls)
     r["cpu_us_per_request"] = (cpu_seconds(pids) - c0) / r["requests"] * 1e6
     r["switches_per_request"] = (switches(pids) - s0) / r["requests"]
     r["worker_switches_per_request"] = (switches(WORKER_PIDS) - w0) / r["requests"]
@@ -373,20 +416,20 @@ def main():
         wrk(PORT["edge"], seconds=2)
         if edge_b:
             wrk(PORT["edge-b"], seconds=2)
-        for scenario, tls in (("http", False), ("https", True)):
+        for scenario, tls, load in (("http", False, wrk), ("https", True, wrk), ("h2", True, h2load)):
             if scenario not in SCENARIOS:
                 continue
-            print(f"short requests over {scenario.upper()}:")
+            print(f"short requests over {'HTTP/2 with TLS (h2load, the GETs of the mix)' if load is h2load else scenario.upper()}:")
             runs = {"direct": [], "nginx": [], "edge": []}
             if edge_b:
                 runs["edge-b"] = []
             for _ in range(ROUNDS):
                 if not tls:
                     runs["direct"].append(measured("direct", PORT["direct"], [], tls))
-                runs["nginx"].append(measured("nginx", PORT["nginx-tls" if tls else "nginx"], nginx_pids, tls))
-                runs["edge"].append(measured("edge", PORT["edge-tls" if tls else "edge"], edge_pids, tls))
+                runs["nginx"].append(measured("nginx", PORT["nginx-tls" if tls else "nginx"], nginx_pids, tls, load))
+                runs["edge"].append(measured("edge", PORT["edge-tls" if tls else "edge"], edge_pids, tls, load))
                 if edge_b:
-                    runs["edge-b"].append(measured("edge-b", PORT["edge-b-tls" if tls else "edge-b"], [edge_b.pid], tls))
+                    runs["edge-b"].append(measured("edge-b", PORT["edge-b-tls" if tls else "edge-b"], [edge_b.pid], tls, load))
             results[scenario] = runs
         if "upload" in SCENARIOS:
             blob = run / "50MiB.bin"
@@ -420,7 +463,7 @@ def main():
             print(f"kept {run}")
         else:
             shutil.rmtree(run, ignore_errors=True)
-    if all(k in results for k in ("http", "https", "upload", "longpoll")):
+    if all(k in results for k in ("http", "https", "h2", "upload", "longpoll")):
         report(results)
     else:
         print("(a subset of the scenarios: results/ left as it was)")
@@ -440,7 +483,7 @@ def report(res):
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(res, indent=2))
     rows = []
-    for sc in ("http", "https"):
+    for sc in ("http", "https", "h2"):
         r = res[sc]
         m = {k: {f: mean([x[f] for x in v]) for f in ("rps", "p50_us", "p99_us", "cpu_us_per_request", "switches_per_request",
                                                      "worker_cpu_us_per_request", "upstream_conns_per_10k", "non2xx")} for k, v in r.items() if v}
@@ -501,8 +544,8 @@ def chart(rows, path):
             for j, k in enumerate(labels):
                 if k in m:
                     ax.bar(i * 4 + j, m[k][field] / scale, color=colors[k], label=k if i == 0 else None)
-        ax.set_xticks([1, 5])
-        ax.set_xticklabels([sc.upper() for sc, _ in rows])
+        ax.set_xticks([i * 4 + 1 for i in range(len(rows))])
+        ax.set_xticklabels(["HTTP/2" if sc == "h2" else sc.upper() for sc, _ in rows])
         ax.set_title(title)
     axes[0].legend()
     fig.suptitle("synapse-edge vs Nginx vs direct (same stand-in workers)")
