@@ -522,11 +522,13 @@ where
             let guard = activity.begin();
             let proxy = proxy.clone();
             let client = client.clone();
-            async move {
+            // Boxed: hyper moves each stream's future several times on its
+            // way into a task of its own, and the proxy's future is large.
+            Box::pin(async move {
                 let resp = proxy.handle(req.map(ClientBody::H2), &client).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
-            }
+            })
         })
     };
     let conn = ctx.h2.serve_connection(TokioIo::new(io), svc);
