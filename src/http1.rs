@@ -221,9 +221,16 @@ pub fn poll_write_slices<W: AsyncWrite + Unpin + ?Sized>(
         if at.index == bufs.len() {
             return Poll::Ready(Ok(()));
         }
+        // Empty slices (an answer's absent parts) are left out: the kernel
+        // would walk them in every write.
         let slices: SmallVec<[IoSlice<'_>; 5]> =
             std::iter::once(IoSlice::new(&bufs[at.index][at.offset..]))
-                .chain(bufs[at.index + 1..].iter().map(|b| IoSlice::new(b)))
+                .chain(
+                    bufs[at.index + 1..]
+                        .iter()
+                        .filter(|b| !b.is_empty())
+                        .map(|b| IoSlice::new(b)),
+                )
                 .collect();
         let mut n = match Pin::new(&mut *conn).poll_write_vectored(cx, &slices) {
             Poll::Pending => return Poll::Pending,
@@ -291,6 +298,76 @@ mod tests {
         for wire in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloXX0\r\n\r\n"] {
             let mut f = BodyFraming::Chunked(ChunkState::Size);
             assert!(decode_all(&mut f, wire, 4).is_err());
+        }
+    }
+
+    /// Takes at most `limit` bytes per write and records what it was given.
+    struct ShortWriter {
+        limit: usize,
+        out: Vec<u8>,
+        empty_slices: usize,
+    }
+
+    impl AsyncWrite for ShortWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.limit);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.empty_slices += bufs.iter().filter(|b| b.is_empty()).count();
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.limit - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn slices_are_written_whole_in_order_and_empty_ones_never_reach_the_socket() {
+        // An answer's head, its absent chunk framing, its body, an absent
+        // trailer: as write_response hands them over.
+        let bufs: [&[u8]; 5] = [b"HTTP/1.1 200 OK\r\n\r\n", b"", b"0123456789", b"", b""];
+        let whole: Vec<u8> = bufs.concat();
+        for limit in 1..=whole.len() {
+            let mut w = ShortWriter {
+                limit,
+                out: Vec::new(),
+                empty_slices: 0,
+            };
+            let (mut at, mut written) = (Cursor::default(), 0);
+            let waker = std::task::Waker::noop();
+            let r = poll_write_slices(
+                &mut w,
+                &mut Context::from_waker(waker),
+                &bufs,
+                &mut at,
+                &mut written,
+            );
+            assert!(matches!(r, Poll::Ready(Ok(()))));
+            assert_eq!(w.out, whole, "writing {limit} bytes at a time");
+            assert_eq!(written, whole.len());
+            assert_eq!(w.empty_slices, 0, "writing {limit} bytes at a time");
         }
     }
 
