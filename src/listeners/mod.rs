@@ -219,11 +219,11 @@ impl Threaded {
                 .name(format!("edge-{i}"))
                 .spawn(move || {
                     crate::upstream::set_serving_thread(i + 1);
+                    // tokio's own event interval (61 task polls between looks
+                    // for I/O): 8 had given a tighter tail behind hyper's
+                    // server, but with the edge's own it only cost CPU
+                    // (BENCHMARKS.md, fourth session).
                     let rt = match tokio::runtime::Builder::new_current_thread()
-                        // Look for new I/O every 8 task polls, not 61: the
-                        // same throughput, a tighter tail (load benchmark,
-                        // HTTP p99 2.15 -> 1.78 ms, HTTPS 2.08 -> 1.90 ms).
-                        .event_interval(SERVING_EVENT_INTERVAL)
                         .enable_all()
                         .build()
                     {
@@ -284,9 +284,6 @@ pub struct ServerSettings {
 /// The default limit on a request's header lines (hyper's and httparse's
 /// usual figure).
 const DEFAULT_MAX_HEADERS: usize = 100;
-
-/// Task polls between two looks at the I/O driver on a serving thread.
-const SERVING_EVENT_INTERVAL: u32 = 8;
 
 /// What one connection is doing, for the idle timeout.
 struct Activity {
