@@ -12,12 +12,6 @@ use tokio::net::TcpStream;
 
 const ROOM: &str = "!abc:example.org";
 
-async fn connect(h: &Harness) -> TcpStream {
-    TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap()
-}
-
 /// Everything the edge sends until it closes the connection (or 5 s pass).
 async fn read_to_close(s: &mut TcpStream) -> String {
     let mut all = Vec::new();
@@ -36,7 +30,7 @@ fn total_requests(h: &Harness) -> usize {
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_each_by_its_own_worker() {
     let h = Harness::start("").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     let both = format!(
         "GET /_matrix/client/v3/rooms/{ROOM}/messages?dir=b HTTP/1.1\r\nHost: x\r\n\r\n\
          GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -65,7 +59,7 @@ async fn pipelined_requests_are_answered_in_order_each_by_its_own_worker() {
 #[tokio::test]
 async fn a_chunked_upload_reaches_the_worker_whole_and_the_connection_goes_on() {
     let h = Harness::start("").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     let target = format!("/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1");
     s.write_all(
         format!(
@@ -97,7 +91,7 @@ async fn a_chunked_upload_reaches_the_worker_whole_and_the_connection_goes_on() 
 #[tokio::test]
 async fn http_1_0_clients_are_answered_and_closed_unless_they_ask_for_keep_alive() {
     let h = Harness::start("").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     s.write_all(b"GET /_matrix/client/versions HTTP/1.0\r\n\r\n")
         .await
         .unwrap();
@@ -109,7 +103,7 @@ async fn http_1_0_clients_are_answered_and_closed_unless_they_ask_for_keep_alive
     );
     assert!(text.contains("\"worker\":\"main\""), "{text}");
 
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     s.write_all(b"GET /_matrix/client/versions HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         .await
         .unwrap();
@@ -147,7 +141,7 @@ async fn a_request_that_could_smuggle_another_is_refused_and_reaches_no_worker()
         ),
     ];
     for raw in attempts {
-        let mut s = connect(&h).await;
+        let mut s = h.connect().await;
         s.write_all(raw.as_bytes()).await.unwrap();
         let text = read_to_close(&mut s).await;
         let status: u16 = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -176,7 +170,7 @@ async fn a_request_that_could_smuggle_another_is_refused_and_reaches_no_worker()
 #[tokio::test]
 async fn a_request_head_over_the_limit_gets_431_and_reaches_no_worker() {
     let h = Harness::start("limits:\n  max_header_size: 16K\n").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     let big = "a".repeat(20 << 10);
     s.write_all(
         format!("GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n")
@@ -189,7 +183,7 @@ async fn a_request_head_over_the_limit_gets_431_and_reaches_no_worker() {
     assert!(text.contains("M_TOO_LARGE"), "{text}");
     assert_eq!(total_requests(&h), 0);
     // Under the limit is fine.
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     let fits = "a".repeat(12 << 10);
     s.write_all(
         format!("GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\nX-Big: {fits}\r\n\r\n")
@@ -204,7 +198,7 @@ async fn a_request_head_over_the_limit_gets_431_and_reaches_no_worker() {
 #[tokio::test]
 async fn a_client_that_leaves_mid_upload_has_no_request_completed_at_a_worker() {
     let h = Harness::start("").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     let target = format!("/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t2");
     s.write_all(
         format!(
@@ -245,7 +239,7 @@ async fn a_client_that_leaves_mid_upload_has_no_request_completed_at_a_worker() 
 #[tokio::test]
 async fn a_client_that_stops_reading_its_answer_is_dropped() {
     let h = Harness::start("timeouts:\n  client_idle: 500ms\n").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     // 64 MiB: far more than the sockets between here and the worker buffer.
     let total = 64usize << 20;
     s.write_all(
@@ -276,7 +270,7 @@ async fn a_client_that_stops_reading_its_answer_is_dropped() {
 #[tokio::test]
 async fn an_http_1_0_client_gets_a_streamed_answer_delimited_by_the_close() {
     let h = Harness::start("").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     // The stand-in streams this answer (chunked to the edge): its length is
     // unknown when the head goes out, and HTTP/1.0 has no chunks.
     s.write_all(
@@ -301,7 +295,7 @@ async fn an_http_1_0_client_gets_a_streamed_answer_delimited_by_the_close() {
 #[tokio::test]
 async fn a_refused_upload_expecting_100_continue_gets_no_continue_and_a_closed_connection() {
     let h = Harness::start("limits:\n  max_body_size: 1K\n").await;
-    let mut s = connect(&h).await;
+    let mut s = h.connect().await;
     s.write_all(
         b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
     )

@@ -203,9 +203,7 @@ async fn an_oversized_body_gets_413_and_never_reaches_the_worker() {
     let media = h.standin("media1");
     let before = media.stats.requests();
     // Declared too large: refused before anything is sent upstream.
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     s.write_all(
         b"POST /_matrix/media/v3/upload HTTP/1.1\r\nhost: x\r\ncontent-length: 2000000\r\n\r\n",
     )
@@ -286,9 +284,7 @@ async fn a_stalled_worker_gets_504_while_long_polls_wait_longer() {
 async fn a_client_leaving_a_long_poll_cancels_the_upstream_request_and_is_counted() {
     let h = Harness::start("").await;
     let sync = h.standin("client_sync1");
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     s.write_all(
         b"GET /_matrix/client/v3/sync?since=s1&timeout=30000 HTTP/1.1\r\nhost: x\r\nx-standin-delay-ms: 30000\r\n\r\n",
     )
@@ -384,9 +380,7 @@ async fn http2_cleartext_clients_are_served() {
 #[tokio::test]
 async fn a_request_target_that_is_not_a_path_gets_400() {
     let h = Harness::start("").await;
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     s.write_all(b"OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
@@ -396,9 +390,7 @@ async fn a_request_target_that_is_not_a_path_gets_400() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("\"errcode\""), "{text}");
     // Garbage is refused by the HTTP layer, and the edge keeps serving.
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     s.write_all(b"\x01\x02 not http\r\n\r\n").await.unwrap();
     let _ = s.read(&mut buf).await;
     assert_eq!(
@@ -454,9 +446,7 @@ async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> O
 #[tokio::test]
 async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
     let h = Harness::start("timeouts:\n  header_read: 300ms\n").await;
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: x\r\n")
         .await
         .unwrap();
@@ -471,9 +461,7 @@ async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let h = Harness::start("timeouts:\n  client_idle: 300ms\n  header_read: 30s\n").await;
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
@@ -510,9 +498,7 @@ async fn each_wait_on_a_kept_alive_connection_keeps_its_own_timeout() {
         "timeouts:\n  upstream: 400ms\n  long_poll: 5s\n  client_idle: 700ms\n  header_read: 30s\n",
     )
     .await;
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     let send = |target: &str, delay_ms: u32| {
         format!("GET {target} HTTP/1.1\r\nhost: x\r\nx-standin-delay-ms: {delay_ms}\r\n\r\n")
     };
@@ -556,9 +542,7 @@ async fn each_wait_on_a_kept_alive_connection_keeps_its_own_timeout() {
 
 /// Sends a GET with `extra` header lines on a fresh connection; the status.
 async fn status_with_headers(h: &Harness, extra: usize) -> String {
-    let mut s = tokio::net::TcpStream::connect(h.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     let mut req = String::from(
         "GET /_matrix/client/versions HTTP/1.1\r\nhost: edge\r\nconnection: close\r\n",
     );
@@ -602,9 +586,7 @@ async fn requests_with_more_header_lines_than_the_limit_are_refused() {
 #[tokio::test]
 async fn a_client_expecting_100_continue_is_told_to_send_and_its_body_arrives() {
     let h = Harness::start("").await;
-    let mut s = tokio::net::TcpStream::connect(h.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     let body = vec![b'x'; 4096];
     s.write_all(
         format!(
@@ -669,9 +651,7 @@ async fn until_open(h: &Harness, protocol: &str, n: i64) {
 async fn open_client_connections_are_counted_by_protocol_until_they_close() {
     let h = Harness::start("").await;
     // HTTP/1.1, kept alive after its request, then closed by the client.
-    let mut s = tokio::net::TcpStream::connect(h.edge.tcp_addr().unwrap())
-        .await
-        .unwrap();
+    let mut s = h.connect().await;
     s.write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();

@@ -268,9 +268,7 @@ async fn a_worker_refusing_an_upload_early_has_its_answer_reach_the_client() {
     let (h, worker) = edge_with_scripted("media1", |_| Script::RefuseBody(REFUSAL)).await;
     // A client announcing 16 MiB that waits for an answer before sending
     // (as an `Expect: 100-continue` client would).
-    let mut client = tokio::net::TcpStream::connect(h.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
+    let mut client = h.connect().await;
     client
         .write_all(b"POST /_matrix/media/v3/upload HTTP/1.1\r\nhost: edge\r\ncontent-length: 16777216\r\n\r\n")
         .await

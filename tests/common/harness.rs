@@ -123,6 +123,14 @@ impl Harness {
         }
     }
 
+    /// A raw TCP connection to the edge's first listener, for requests a
+    /// client library would not send.
+    pub async fn connect(&self) -> tokio::net::TcpStream {
+        tokio::net::TcpStream::connect(self.edge.tcp_addr().unwrap())
+            .await
+            .unwrap()
+    }
+
     pub fn standin(&self, name: &str) -> &StandIn {
         self.standins.iter().find(|s| s.name == name).unwrap()
     }
