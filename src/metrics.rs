@@ -32,6 +32,7 @@ pub struct Metrics {
     pub response_body_bytes: IntCounterVec,
     pub rejected: IntCounterVec,
     pub abandoned: IntCounterVec,
+    pub client_timeouts: IntCounterVec,
     pub reloads: IntCounterVec,
     pub last_reload: Gauge,
     pub tls_handshakes: IntCounter,
@@ -205,6 +206,12 @@ impl Metrics {
                 "synapse_edge_requests_abandoned_total",
                 "Requests whose client left before their answer began (Nginx's 499), by route, pool and worker",
                 &["route", "pool", "worker"],
+            ),
+            client_timeouts: counter(
+                &r,
+                "synapse_edge_client_timeouts_total",
+                "Client connections closed for being too slow: to send a request head (header_read) or to read an answer (send_stall)",
+                &["kind"],
             ),
             reloads: counter(
                 &r,

@@ -265,6 +265,13 @@ async fn a_client_that_stops_reading_its_answer_is_dropped() {
     .await;
     assert!(ended.is_ok(), "the connection is still open");
     assert!(got < total, "the whole answer came after all ({got} bytes)");
+    let stalls = h
+        .proxy
+        .metrics()
+        .client_timeouts
+        .with_label_values(&["send_stall"])
+        .get();
+    assert_eq!(stalls, 1, "counted in synapse_edge_client_timeouts_total");
 }
 
 #[tokio::test]

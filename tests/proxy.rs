@@ -456,6 +456,16 @@ async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
         "a half-sent request head kept the connection open"
     );
     assert_eq!(h.standin("main").stats.requests(), 0);
+    assert_eq!(client_timeouts(&h, "header_read"), 1);
+}
+
+/// `synapse_edge_client_timeouts_total{kind}`.
+fn client_timeouts(h: &Harness, kind: &str) -> u64 {
+    h.proxy
+        .metrics()
+        .client_timeouts
+        .with_label_values(&[kind])
+        .get()
 }
 
 #[tokio::test]
@@ -473,6 +483,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         t0.elapsed() >= Duration::from_millis(250),
         "closed before the idle timeout"
     );
+    // Routine: not counted as a client too slow to send its head.
+    assert_eq!(client_timeouts(&h, "header_read"), 0);
 }
 
 #[tokio::test]

@@ -170,6 +170,11 @@ pub async fn serve<I: ClientIo>(
                 (handled, facts.0, facts.1, facts.2)
             }
             Next::Closed => break,
+            Next::HeadTimedOut => {
+                count_timeout(proxy, "header_read");
+                tracing::debug!(peer = %client.peer, "request head not received in time");
+                break;
+            }
             Next::Http2 => {
                 return match Arc::try_unwrap(conn) {
                     Ok(m) => {
@@ -231,6 +236,9 @@ pub async fn serve<I: ClientIo>(
                 break;
             }
             Err(e) => {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    count_timeout(proxy, "send_stall");
+                }
                 tracing::debug!(peer = %client.peer, error = %e, "writing a response failed");
                 break;
             }
@@ -239,10 +247,21 @@ pub async fn serve<I: ClientIo>(
     Ended::Closed
 }
 
+/// Counts a client connection closed for being too slow.
+pub(crate) fn count_timeout(proxy: &Proxy, kind: &str) {
+    proxy
+        .metrics()
+        .client_timeouts
+        .with_label_values(&[kind])
+        .inc();
+}
+
 /// What waiting for the next request gave.
 enum Next {
     Head(ParsedHead),
     Closed,
+    /// The header-read timeout passed before a whole head arrived.
+    HeadTimedOut,
     Http2,
     Refuse(Refusal),
 }
@@ -310,7 +329,9 @@ async fn next_head<I: ClientIo>(
                 Ok(0) | Err(_) => return Next::Closed,
                 Ok(_) => {}
             },
-            _ = timer.expired() => return Next::Closed,
+            // An idle keep-alive connection ending is routine; a client
+            // that connected or began a head and then stalled is not.
+            _ = timer.expired() => return if idle && !first { Next::Closed } else { Next::HeadTimedOut },
             _ = stop.wait_for(|s| *s), if idle => return Next::Closed,
         }
     }

@@ -426,7 +426,10 @@ async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: Conn
                 tracing::debug!(%peer, error = %e, "bad PROXY protocol header");
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                h1::count_timeout(&ctx.proxy, "header_read");
+                return;
+            }
         }
     }
     match conn.tls {
