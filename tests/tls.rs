@@ -21,6 +21,7 @@ use synapse_edge::front::{ListenerRole, Traffic};
 use synapse_edge::listeners::{ListenAddr, ListenerSpec};
 use synapse_edge::tls::{CertSpec, CertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
@@ -643,4 +644,41 @@ async fn over_tls_pipelined_requests_left_waiting_inside_tls_are_all_answered_in
             "answer {i} out of order: {body}"
         );
     }
+}
+
+/// An HTTP/2 connection in use is never closed as idle, however long it
+/// lives; once its requests stop it gets its GOAWAY after the idle timeout.
+#[tokio::test]
+async fn an_http2_connection_closes_after_the_idle_timeout_once_its_requests_stop() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h, _store, _) = tls_edge(&pki, dir.path(), "timeouts:\n  client_idle: 400ms\n").await;
+    let tls = connect(&pki, h.addr(1), "matrix.example.org", &[b"h2"]).await;
+    let (mut s, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Requests 250 ms apart for over twice the idle timeout, all on the
+    // one connection.
+    for _ in 0..5 {
+        let resp = s
+            .send_request(get("matrix.example.org", "/_matrix/client/versions"))
+            .await;
+        let resp = resp.expect("the connection was closed while in use");
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let last = Instant::now() - Duration::from_millis(250);
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the idle HTTP/2 connection stayed open")
+        .unwrap()
+        .unwrap();
+    let idle = last.elapsed();
+    assert!(
+        idle >= Duration::from_millis(380) && idle < Duration::from_millis(1500),
+        "closed after {idle:?} idle, for a 400 ms timeout"
+    );
 }

@@ -535,8 +535,15 @@ where
     tokio::pin!(conn);
     let mut stop = ctx.stop.clone();
     let mut closing = false;
+    let idle_timeout = ctx.settings.client_idle_timeout;
+    // One timer for the connection's life, armed at the idle deadline as it
+    // was and re-armed when it fires early. The deadline only ever moves
+    // later, so this is exact. (It replaced a timer made and dropped at each
+    // wake of this task, a few per request: 1% of the HTTP/2 profile, though
+    // no difference an A/B could see.)
+    let idle = tokio::time::sleep_until(activity.idle_deadline(idle_timeout));
+    tokio::pin!(idle);
     loop {
-        let idle_at = activity.idle_deadline(ctx.settings.client_idle_timeout);
         tokio::select! {
             // The connection first: it is what wakes this task nearly
             // always (and no random branch order to draw per wake).
@@ -547,10 +554,13 @@ where
                 }
                 break;
             }
-            _ = tokio::time::sleep_until(idle_at), if !closing => {
-                if activity.idle_deadline(ctx.settings.client_idle_timeout) <= Instant::now() {
+            () = idle.as_mut(), if !closing => {
+                let due = activity.idle_deadline(idle_timeout);
+                if due <= Instant::now() {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
+                } else {
+                    idle.as_mut().reset(due);
                 }
             }
             _ = stop.changed(), if !closing => {
