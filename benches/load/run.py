@@ -39,6 +39,11 @@ PARKED = int(os.environ.get("BENCH_PARKED", "2000"))
 ANSWER_BYTES = int(os.environ.get("BENCH_ANSWER_BYTES", "0"))
 # A subset for quick A/Bs while working, e.g. BENCH_SCENARIOS=http,longpoll
 SCENARIOS = os.environ.get("BENCH_SCENARIOS", "http,https,h2,upload,longpoll").split(",")
+# A folder: each proxy's short-request runs are sampled with perf (call
+# stacks by DWARF unwinding) and drawn as flame graphs there. perf takes
+# CPU of its own, so such a run's figures are not comparable: results/ is
+# left alone. benches/load/profile.sh sets it.
+PROFILE = os.environ.get("BENCH_PROFILE")
 ROUTED = ["main", "client_sync1", "rooms1", "rooms2", "rooms3", "rooms4", "federation_reader1", "media1"]
 PORT = {"direct": 18100, "nginx": 18101, "nginx-tls": 18102, "edge": 18103, "edge-tls": 18104, "edge-b": 18105,
         "edge-b-tls": 18106, "stub": 18109}
@@ -285,10 +290,104 @@ def h2load(port, tls=True, seconds=SECONDS, conns=CONNS):
             "rps": len(rows) / seconds}
 
 
-def measured(name, port, pids, tls=False, load=wrk):
+def perf_record(name, scenario, pids):
+    """Samples core 1 for the length of one run; the proxy's samples are
+    picked out by pid afterwards. Sampling the processes themselves (-p)
+    would add a timer reprogramming at each of their context switches (a VM
+    exit here), which inflated Nginx's CPU per request by half and the
+    edge's by a sixth. perf itself runs on core 0, with the load generator."""
+    if not PROFILE or not pids:
+        return None
+    out = Path(PROFILE) / f"{scenario}-{name}.perf.data"
+    PROFILED_PIDS[f"{scenario}-{name}"] = pids
+    return subprocess.Popen(["taskset", "-c", "0", "perf", "record", "-q", "-F", "499", "--call-graph", "dwarf,16384",
+                             "-C", "1", "-o", str(out), "--", "sleep", str(SECONDS)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+PROFILED = {}  # "scenario-proxy": requests served while perf sampled
+PROFILED_PIDS = {}  # "scenario-proxy": the proxy's processes
+
+
+# Where a sample's time goes, judged by its stack: the first rule that
+# matches names it. Kernel rules look at the whole stack (a TCP send
+# includes the loopback delivery to the client, done in the sender's
+# context); user-space rules at the function the sample landed in. Nginx's
+# own functions are named only where it exports them, so its HTTP/2 framing
+# lands in "proxy logic".
+CATEGORIES = [
+    ("kernel: scheduler (switched away and back)", "stack",
+     r"(^|;)(__schedule|schedule|preempt_schedule\w*)_\[k\]|(^|;)finish_task_switch[^;]*$"),
+    ("kernel: TCP send, with the loopback delivery", "stack", r"tcp_sendmsg|net_rx_action|__tcp_push"),
+    ("kernel: TCP receive", "stack", r"tcp_recvmsg"),
+    ("kernel: Unix socket send and receive", "stack", r"unix_stream"),
+    ("kernel: epoll", "stack", r"ep_poll|epoll"),
+    ("kernel: other (syscall entry and exit, fd lookup, timers)", "leaf", r"_\[k\]$"),
+    ("user: TLS", "leaf", r"rustls|ring_core|^<?ring::|libssl|libcrypto|_gcm_|aes_|chacha|poly1305|sha256|sha512"),
+    ("user: HTTP/2 framing", "leaf", r"^<?h2::|hpack|ngx_http_v2|hyper::proto::h2"),
+    ("user: memory copies and allocation", "leaf", r"memcpy|memmove|memset|memcmp|malloc|free|^mi_|realloc|calloc"),
+    ("user: async runtime", "leaf", r"^<?tokio::|\{async_fn"),
+    ("user: libc system call wrappers", "leaf", r"^__GI|^__libc|pthread|^syscall|__vdso"),
+    ("user: proxy logic (parsing, routing, headers)", "leaf", r""),
+]
+
+
+def breakdown(folded, requests):
+    """µs of CPU per request in each category of CATEGORIES."""
+    rules = [(name, where, re.compile(rx)) for name, where, rx in CATEGORIES]
+    out = {name: 0.0 for name, _, _ in CATEGORIES}
+    for line in folded.decode(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        for name, where, rx in rules:
+            if rx.search(stack if where == "stack" else leaf):
+                out[name] += int(n)
+                break
+    return {k: v / 1000 / max(requests, 1) for k, v in out.items()}
+
+
+def flame_graphs():
+    """One SVG per perf.data in PROFILE, by inferno (see profile.sh), and
+    breakdown.md: each proxy's CPU per request by where it goes."""
+    tools = ROOT / "target" / "tools" / "bin"
+    tables = {}
+    for data in sorted(Path(PROFILE).glob("*.perf.data")):
+        name = data.name.removesuffix(".perf.data")
+        pids = ",".join(map(str, PROFILED_PIDS.get(name, [])))
+        script = subprocess.run(["perf", "script", "-i", str(data), "--pid", pids], capture_output=True,
+                                check=True).stdout
+        folded = subprocess.run([str(tools / "inferno-collapse-perf"), "--all"], input=script, capture_output=True,
+                                check=True).stdout
+        (Path(PROFILE) / f"{name}.folded").write_bytes(folded)
+        scenario, proxy = name.split("-", 1)
+        title = f"{proxy}, short requests over {'HTTP/2 with TLS' if scenario == 'h2' else scenario.upper()}"
+        # Samples are weighted by their period: the widths are CPU time.
+        svg = subprocess.run([str(tools / "inferno-flamegraph"), "--title", title, "--width", "1600", "--minwidth", "0.1",
+                              "--colors", "rust", "--deterministic", "--countname", "ns of CPU"], input=folded,
+                             capture_output=True, check=True).stdout
+        (Path(PROFILE) / f"{name}.svg").write_bytes(svg)
+        data.unlink()
+        tables[name] = breakdown(folded, PROFILED.get(name, 0))
+        print(f"flame graph: {Path(PROFILE) / (name + '.svg')}")
+    names = [f"{sc}-{px}" for sc in ("http", "https", "h2") for px in ("nginx", "edge") if f"{sc}-{px}" in tables]
+    lines = [f"CPU µs per request by where it goes, from the stacks perf sampled ({time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{SECONDS} s per proxy and scenario). perf's own cost is in these figures.", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for cat, _, _ in CATEGORIES:
+        lines.append(f"| {cat} | " + " | ".join(f"{tables[n][cat]:.2f}" for n in names) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{sum(tables[n].values()):.2f}**" for n in names) + " |")
+    (Path(PROFILE) / "breakdown.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+def measured(name, port, pids, tls=False, load=wrk, scenario=None):
     a0, c0, s0, w0, wc0 = accepts(), cpu_seconds(pids), switches(pids), switches(WORKER_PIDS), cpu_seconds(WORKER_PIDS)
     k0 = core_busy_seconds()
+    perf = perf_record(name, scenario, pids)
     r = load(port, tls)
+    if perf:
+        perf.wait()
+        PROFILED[f"{scenario}-{name}"] = r["requests"]
     r["core_us_per_request"] = (core_busy_seconds() - k0) / r["requests"] * 1e6
     r["cpu_us_per_request"] = (cpu_seconds(pids) - c0) / r["requests"] * 1e6
     r["switches_per_request"] = (switches(pids) - s0) / r["requests"]
@@ -442,10 +541,11 @@ def main():
             for _ in range(ROUNDS):
                 if not tls:
                     runs["direct"].append(measured("direct", PORT["direct"], [], tls))
-                runs["nginx"].append(measured("nginx", PORT["nginx-tls" if tls else "nginx"], nginx_pids, tls, load))
-                runs["edge"].append(measured("edge", PORT["edge-tls" if tls else "edge"], edge_pids, tls, load))
+                runs["nginx"].append(measured("nginx", PORT["nginx-tls" if tls else "nginx"], nginx_pids, tls, load, scenario))
+                runs["edge"].append(measured("edge", PORT["edge-tls" if tls else "edge"], edge_pids, tls, load, scenario))
                 if edge_b:
-                    runs["edge-b"].append(measured("edge-b", PORT["edge-b-tls" if tls else "edge-b"], [edge_b.pid], tls, load))
+                    runs["edge-b"].append(measured("edge-b", PORT["edge-b-tls" if tls else "edge-b"], [edge_b.pid], tls, load,
+                                                   scenario))
             results[scenario] = runs
         if "upload" in SCENARIOS:
             blob = run / "50MiB.bin"
@@ -492,7 +592,9 @@ def main():
             print(f"kept {run}")
         else:
             shutil.rmtree(run, ignore_errors=True)
-    if all(k in results for k in ("http", "https", "h2", "upload", "longpoll")):
+    if PROFILE:
+        flame_graphs()
+    elif all(k in results for k in ("http", "https", "h2", "upload", "longpoll")):
         report(results)
     else:
         print("(a subset of the scenarios: results/ left as it was)")
