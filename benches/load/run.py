@@ -396,7 +396,8 @@ def measured(name, port, pids, tls=False, load=wrk, scenario=None):
     r["upstream_conns_per_10k"] = (accepts() - a0 - 1) / r["requests"] * 10000
     if r["non2xx"] or r["errors"]:
         print(f"  !! {name}: {r['non2xx']} non-2xx answers and {r['errors']} errors: this run does not count", flush=True)
-    print(f"  {name:10} {r['rps']:>9.0f} rps  p50 {r['p50_us']/1000:6.2f} ms  p99 {r['p99_us']/1000:6.2f} ms  "
+    tail = f"  p99.9 {r['p999_us']/1000:6.2f} ms  max {r['max_us']/1000:5.1f} ms" if "p999_us" in r else ""
+    print(f"  {name:10} {r['rps']:>9.0f} rps  p50 {r['p50_us']/1000:6.2f} ms  p99 {r['p99_us']/1000:6.2f} ms{tail}  "
           f"cpu {r['cpu_us_per_request']:5.1f} us/req  core 1 busy {r['core_us_per_request']:5.1f} us/req  ctx sw/req {r['switches_per_request']:.2f}  "
           f"workers: cpu {r['worker_cpu_us_per_request']:4.1f} us/req ctx sw/req {r['worker_switches_per_request']:.2f}  non-2xx {r['non2xx']}  upstream conns/10k {r['upstream_conns_per_10k']:.2f}", flush=True)
     return r
@@ -455,9 +456,12 @@ def long_polls(name, port, pids, run):
     parked, rss, short, left, gone_after = asyncio.run(scenario())
     r = {"parked": parked, "rss_per_parked_kib": (rss - base) / max(parked, 1), "short_p99_us": short["p99_us"],
          "short_rps": short["rps"], "short_cpu_us_per_request": short["cpu_us_per_request"],
+         "short_percentiles_us": {k: short.get(f"{k}_us") for k in ("p50", "p90", "p99", "p999", "max")},
          "left_after_clients_vanish": left, "cancel_seconds": gone_after}
     print(f"  {name:10} parked {parked}  RSS/parked {r['rss_per_parked_kib']:.1f} KiB  short p99 meanwhile "
-          f"{short['p99_us']/1000:.2f} ms ({short['rps']:.0f} rps, cpu {short['cpu_us_per_request']:.1f} us/req)  "
+          f"{short['p99_us']/1000:.2f} ms (p50 {short['p50_us']/1000:.2f}, p90 {short['p90_us']/1000:.2f}, "
+          f"p99.9 {short['p999_us']/1000:.2f}, max {short['max_us']/1000:.1f}; {short['rps']:.0f} rps, "
+          f"cpu {short['cpu_us_per_request']:.1f} us/req)  "
           f"upstream left {left} after {gone_after:.2f} s", flush=True)
     return r
 
