@@ -239,10 +239,6 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.registry.gather()
-    }
-
     /// Marks a successful (re)load now.
     pub fn loaded(&self, synapse_routes_version: &str) {
         let now = std::time::SystemTime::now()
