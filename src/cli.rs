@@ -525,11 +525,14 @@ fn startup_line(state: &EdgeState, specs: &[ListenerSpec], addrs: &[ListenAddr])
         .filter(|p| !p.is_empty())
         .map(|p| format!("{}={}", p.name, p.members.len()))
         .collect();
+    let limits = crate::process::prepared();
     tracing::info!(
         listeners = %listeners.join(" "),
         workers = %routed.join(","),
         pools = %pools.join(" "),
         routes = state.routes.routes().len() - 1,
+        open_files_limit = limits.map_or(0, |p| p.open_files),
+        descriptor_table = limits.map_or(0, |p| p.reserved),
         "synapse-edge serving"
     );
 }

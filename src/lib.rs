@@ -20,6 +20,7 @@ pub mod health;
 pub mod http1;
 pub mod listeners;
 pub mod metrics;
+pub mod process;
 pub mod proxy;
 pub mod routes;
 pub mod standin;
