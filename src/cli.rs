@@ -535,6 +535,15 @@ fn startup_line(state: &EdgeState, specs: &[ListenerSpec], addrs: &[ListenAddr])
         descriptor_table = limits.map_or(0, |p| p.reserved),
         "synapse-edge serving"
     );
+    if let Some(p) = limits.filter(|p| p.open_files < crate::process::LOW_OPEN_FILES) {
+        tracing::warn!(
+            open_files_limit = p.open_files,
+            "the open-file limit is low for a homeserver's edge: each client connection and each \
+             request waiting on a worker holds a descriptor; raise the hard limit (systemd \
+             LimitNOFILE=, docker --ulimit nofile=, ulimit -Hn) to {} or more",
+            crate::process::LOW_OPEN_FILES
+        );
+    }
 }
 
 /// Serves until SIGTERM or Ctrl-C; SIGHUP reloads `sources` (when given).

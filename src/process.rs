@@ -19,6 +19,10 @@ pub struct Prepared {
     pub reserved: u64,
 }
 
+/// Below this open-file limit the start-up log warns: each client
+/// connection, and each request waiting on a worker, holds a descriptor.
+pub const LOW_OPEN_FILES: u64 = 8_192;
+
 static PREPARED: OnceLock<Prepared> = OnceLock::new();
 
 /// Raises the open-file limit to its ceiling and reserves the descriptor

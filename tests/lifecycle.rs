@@ -1,6 +1,7 @@
 //! The edge process's life: SIGHUP reloads (a broken config is refused and
 //! the running one keeps serving), SIGTERM drains in-flight requests, refuses
-//! new connections and exits 0. Runs the real binary.
+//! new connections and exits 0; a low open-file limit is warned about at
+//! start. Runs the real binary.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,13 +31,29 @@ impl Drop for Edge {
 
 impl Edge {
     async fn start(dir: &Path, workers: &str) -> Edge {
+        Edge::start_with_open_files(dir, workers, None).await
+    }
+
+    /// Started under an open-file limit of `limit` (soft and hard) if given.
+    async fn start_with_open_files(dir: &Path, workers: &str, limit: Option<u32>) -> Edge {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let log = dir.join(format!("edge-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_synapse-edge"))
+        let bin = env!("CARGO_BIN_EXE_synapse-edge");
+        let mut cmd = match limit {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                sh
+            }
+        };
+        let child = cmd
             .arg("run")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -197,4 +214,18 @@ async fn sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_zero(
         .await
         .unwrap();
     assert_eq!(code.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_is_warned_about_at_start() {
+    let (dir, _standins) = setup();
+    let edge = Edge::start_with_open_files(dir.path(), "workers", Some(1024)).await;
+    let logs = edge.logs();
+    assert!(
+        logs.contains("open_files_limit=1024") && logs.contains("the open-file limit is low"),
+        "{logs}"
+    );
+    // The default start, under this machine's limit, says what it has.
+    let edge = Edge::start(dir.path(), "workers").await;
+    assert!(edge.logs().contains("descriptor_table="), "{}", edge.logs());
 }
