@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{OpenConnection, ServerSettings};
+use super::{OpenConnection, ServerSettings, count_client_timeout};
 use crate::body::{ClientBody, ResponseBody};
 use crate::conn_timer::ConnTimer;
 use crate::http1::{
@@ -171,7 +171,7 @@ pub async fn serve<I: ClientIo>(
             }
             Next::Closed => break,
             Next::HeadTimedOut => {
-                count_timeout(proxy, "header_read");
+                count_client_timeout(proxy, "header_read");
                 tracing::debug!(peer = %client.peer, "request head not received in time");
                 break;
             }
@@ -237,7 +237,7 @@ pub async fn serve<I: ClientIo>(
             }
             Err(e) => {
                 if e.kind() == io::ErrorKind::TimedOut {
-                    count_timeout(proxy, "send_stall");
+                    count_client_timeout(proxy, "send_stall");
                 }
                 tracing::debug!(peer = %client.peer, error = %e, "writing a response failed");
                 break;
@@ -245,15 +245,6 @@ pub async fn serve<I: ClientIo>(
         }
     }
     Ended::Closed
-}
-
-/// Counts a client connection closed for being too slow.
-pub(crate) fn count_timeout(proxy: &Proxy, kind: &str) {
-    proxy
-        .metrics()
-        .client_timeouts
-        .with_label_values(&[kind])
-        .inc();
 }
 
 /// What waiting for the next request gave.

@@ -427,7 +427,7 @@ async fn start_tcp_conn(mut stream: tokio::net::TcpStream, conn: Conn, ctx: Conn
                 return;
             }
             Err(_) => {
-                h1::count_timeout(&ctx.proxy, "header_read");
+                count_client_timeout(&ctx.proxy, "header_read");
                 return;
             }
         }
@@ -569,6 +569,18 @@ where
             }
         }
     }
+}
+
+/// Counts a client connection closed for being too slow
+/// (`synapse_edge_client_timeouts_total{kind}`): `header_read` for a request
+/// head or PROXY header not complete in time, `send_stall` for a client that
+/// stopped reading its answer.
+pub(crate) fn count_client_timeout(proxy: &Proxy, kind: &str) {
+    proxy
+        .metrics()
+        .client_timeouts
+        .with_label_values(&[kind])
+        .inc();
 }
 
 /// A client connection counted in `synapse_edge_client_connections` (by
