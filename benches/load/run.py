@@ -281,12 +281,13 @@ def h2load(port, tls=True, seconds=SECONDS, conns=CONNS):
                   "--log-file", str(log), "-i", str(targets)]).stdout
         # start (µs since the epoch), status, µs to the end of the answer
         rows = [l.split("\t") for l in log.read_text().splitlines() if l.count("\t") == 2]
-    lat = sorted(int(r[2]) for r in rows)
+    lat = sorted(int(r[2]) for r in rows) or [0]
     failed = re.search(r"(\d+) failed, (\d+) errored", out)
     errors = int(failed.group(1)) + int(failed.group(2)) if failed else 0
+    at = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))]
     return {"requests": len(rows), "duration_us": seconds * 1_000_000, "errors": errors,
             "non2xx": sum(1 for r in rows if not r[1].startswith("2")),
-            "p50_us": lat[len(lat) // 2] if lat else 0, "p99_us": lat[len(lat) * 99 // 100] if lat else 0,
+            "p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99), "p999_us": at(0.999), "max_us": lat[-1],
             "rps": len(rows) / seconds}
 
 
@@ -299,14 +300,13 @@ def perf_record(name, scenario, pids):
     if not PROFILE or not pids:
         return None
     out = Path(PROFILE) / f"{scenario}-{name}.perf.data"
-    PROFILED_PIDS[f"{scenario}-{name}"] = pids
+    PROFILED[f"{scenario}-{name}"] = {"pids": pids, "requests": 0}
     return subprocess.Popen(["taskset", "-c", "0", "perf", "record", "-q", "-F", "499", "--call-graph", "dwarf,16384",
                              "-C", "1", "-o", str(out), "--", "sleep", str(SECONDS)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-PROFILED = {}  # "scenario-proxy": requests served while perf sampled
-PROFILED_PIDS = {}  # "scenario-proxy": the proxy's processes
+PROFILED = {}  # "scenario-proxy": the proxy's pids and the requests served while perf sampled
 
 
 # Where a sample's time goes, judged by its stack: the first rule that
@@ -353,7 +353,8 @@ def flame_graphs():
     tables = {}
     for data in sorted(Path(PROFILE).glob("*.perf.data")):
         name = data.name.removesuffix(".perf.data")
-        pids = ",".join(map(str, PROFILED_PIDS.get(name, [])))
+        profiled = PROFILED.get(name, {"pids": [], "requests": 0})
+        pids = ",".join(map(str, profiled["pids"]))
         script = subprocess.run(["perf", "script", "-i", str(data), "--pid", pids], capture_output=True,
                                 check=True).stdout
         folded = subprocess.run([str(tools / "inferno-collapse-perf"), "--all"], input=script, capture_output=True,
@@ -367,7 +368,7 @@ def flame_graphs():
                              capture_output=True, check=True).stdout
         (Path(PROFILE) / f"{name}.svg").write_bytes(svg)
         data.unlink()
-        tables[name] = breakdown(folded, PROFILED.get(name, 0))
+        tables[name] = breakdown(folded, profiled["requests"])
         print(f"flame graph: {Path(PROFILE) / (name + '.svg')}")
     names = [f"{sc}-{px}" for sc in ("http", "https", "h2") for px in ("nginx", "edge") if f"{sc}-{px}" in tables]
     lines = [f"CPU µs per request by where it goes, from the stacks perf sampled ({time.strftime('%Y-%m-%d %H:%M')}, "
@@ -387,7 +388,7 @@ def measured(name, port, pids, tls=False, load=wrk, scenario=None):
     r = load(port, tls)
     if perf:
         perf.wait()
-        PROFILED[f"{scenario}-{name}"] = r["requests"]
+        PROFILED[f"{scenario}-{name}"]["requests"] = r["requests"]
     r["core_us_per_request"] = (core_busy_seconds() - k0) / r["requests"] * 1e6
     r["cpu_us_per_request"] = (cpu_seconds(pids) - c0) / r["requests"] * 1e6
     r["switches_per_request"] = (switches(pids) - s0) / r["requests"]
