@@ -604,6 +604,9 @@ async fn serve_until_stopped(
     for task in reloads.into_iter().chain(cert_watch).chain(background) {
         task.abort();
     }
+    // The serving threads have ended: their last access lines go out
+    // before the process does.
+    crate::access_log::flush();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod balancing;
 pub mod body;
 pub mod cli;

@@ -17,6 +17,7 @@ use prometheus::{IntCounter, IntGauge};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
+use crate::access_log::{self, Outcome, RequestFacts};
 use crate::balancing::Health;
 use crate::body::{BodyProgress, ClientBody, RequestBody, ResponseBody, Tap, Unsent};
 use crate::config::Timeouts;
@@ -286,9 +287,13 @@ impl Proxy {
         let m = &*self.metrics;
         let method = req.method().clone();
         let edge = &snap.state.edge;
-        let access = edge
-            .access_log
-            .then(|| AccessLine::of(&req, edge.log_format == crate::config::LogFormat::Json));
+        let access = access_log::enabled(edge.access_log).then(|| {
+            let format = match edge.log_format {
+                crate::config::LogFormat::Json => access_log::Format::Json,
+                crate::config::LogFormat::Text => access_log::Format::Text,
+            };
+            RequestFacts::of(&req, format)
+        });
         // Counts and logs the request if the client leaves before it is
         // answered (this future is then dropped mid-way).
         let mut unanswered = Unanswered {
@@ -325,16 +330,17 @@ impl Proxy {
         {
             c.inc();
         }
-        let on_end = access.map(|line| {
-            let done = AccessDone {
+        let on_end = access.map(|facts| {
+            let done = Outcome {
                 client: served.client.unwrap_or(conn.peer),
                 status,
                 route: route.to_string(),
                 worker: worker.to_string(),
                 upstream: served.upstream,
-                start,
+                start: start.into_std(),
             };
-            Box::new(move |bytes| line.emit(done, bytes)) as Box<dyn FnOnce(u64) + Send>
+            Box::new(move |bytes| access_log::write(facts, done, bytes))
+                as Box<dyn FnOnce(u64) + Send>
         });
         let counter = match served
             .route
@@ -354,7 +360,7 @@ struct Unanswered<'s> {
     served: Served<'s>,
     snap: &'s Snapshot,
     m: &'s Metrics,
-    access: Option<AccessLine>,
+    access: Option<RequestFacts>,
     peer: IpAddr,
     done: bool,
 }
@@ -362,7 +368,7 @@ struct Unanswered<'s> {
 impl<'s> Unanswered<'s> {
     /// The request was answered: what serving it involved, and its access
     /// line to finish.
-    fn answered(&mut self) -> (Served<'s>, Option<AccessLine>) {
+    fn answered(&mut self) -> (Served<'s>, Option<RequestFacts>) {
         self.done = true;
         (std::mem::take(&mut self.served), self.access.take())
     }
@@ -383,16 +389,16 @@ impl Drop for Unanswered<'_> {
             .abandoned
             .with_label_values(&[route, pool, worker])
             .inc();
-        if let Some(line) = self.access.take() {
-            let done = AccessDone {
+        if let Some(facts) = self.access.take() {
+            let done = Outcome {
                 client: served.client.unwrap_or(self.peer),
                 status: 499,
                 route: route.to_string(),
                 worker: worker.to_string(),
                 upstream: None,
-                start: served.start.unwrap_or_else(Instant::now),
+                start: served.start.unwrap_or_else(Instant::now).into_std(),
             };
-            line.emit(done, 0);
+            access_log::write(facts, done, 0);
         }
     }
 }
@@ -423,100 +429,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-/// The request half of an access log line.
-struct AccessLine {
-    json: bool,
-    method: Method,
-    target: String,
-    version: http::Version,
-    user_agent: String,
-}
-
-/// The response half.
-struct AccessDone {
-    client: IpAddr,
-    status: u16,
-    route: String,
-    worker: String,
-    upstream: Option<Duration>,
-    start: Instant,
-}
-
-impl AccessLine {
-    fn of(req: &Request<ClientBody>, json: bool) -> AccessLine {
-        let target = req.uri().path_and_query().map_or("-", |pq| pq.as_str());
-        AccessLine {
-            json,
-            method: req.method().clone(),
-            target: redact_query(target),
-            version: req.version(),
-            user_agent: req
-                .headers()
-                .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string(),
-        }
-    }
-
-    /// One line per request, when its body is done: combined-like text with
-    /// the routing facts as fields (or all fields, with `log_format: json`).
-    fn emit(self, done: AccessDone, bytes: u64) {
-        let duration_ms = done.start.elapsed().as_secs_f64() * 1000.0;
-        let upstream_ms = done.upstream.map(|d| d.as_secs_f64() * 1000.0);
-        let upstream_ms = upstream_ms.map_or("-".to_string(), |u| format!("{u:.1}"));
-        if !self.json {
-            // Combined-like; the routing facts follow as fields.
-            tracing::info!(
-                target: "synapse_edge::access",
-                duration_ms = format_args!("{duration_ms:.1}"),
-                route = %done.route,
-                worker = %done.worker,
-                upstream_ms = %upstream_ms,
-                "{} \"{} {} {:?}\" {} {} \"{}\"",
-                done.client,
-                self.method,
-                self.target,
-                self.version,
-                done.status,
-                bytes,
-                self.user_agent
-            );
-            return;
-        }
-        tracing::info!(
-            target: "synapse_edge::access",
-            client = %done.client,
-            method = %self.method,
-            path = %self.target,
-            status = done.status,
-            bytes,
-            duration_ms = format_args!("{duration_ms:.1}"),
-            route = %done.route,
-            worker = %done.worker,
-            upstream_ms = %upstream_ms,
-            user_agent = %self.user_agent,
-            "access"
-        );
-    }
-}
-
-/// The request target with the value of `access_token` replaced, so no
-/// token reaches a log.
-pub fn redact_query(target: &str) -> String {
-    let Some((path, query)) = target.split_once('?') else {
-        return target.to_string();
-    };
-    let parts: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k == "access_token" => format!("{k}=<redacted>"),
-            _ => pair.to_string(),
-        })
-        .collect();
-    format!("{path}?{}", parts.join("&"))
 }
 
 impl Snapshot {

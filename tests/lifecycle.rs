@@ -1,7 +1,7 @@
 //! The edge process's life: SIGHUP reloads (a broken config is refused and
 //! the running one keeps serving), SIGTERM drains in-flight requests, refuses
-//! new connections and exits 0; a low open-file limit is warned about at
-//! start. Runs the real binary.
+//! new connections and exits 0, with every access line written; a low
+//! open-file limit is warned about at start. Runs the real binary.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -31,11 +31,12 @@ impl Drop for Edge {
 
 impl Edge {
     async fn start(dir: &Path, workers: &str) -> Edge {
-        Edge::start_with_open_files(dir, workers, None).await
+        Edge::start_with(dir, workers, None, "info").await
     }
 
-    /// Started under an open-file limit of `limit` (soft and hard) if given.
-    async fn start_with_open_files(dir: &Path, workers: &str, limit: Option<u32>) -> Edge {
+    /// Started under an open-file limit of `limit` (soft and hard) if given,
+    /// with `RUST_LOG=rust_log`.
+    async fn start_with(dir: &Path, workers: &str, limit: Option<u32>, rust_log: &str) -> Edge {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -63,7 +64,7 @@ impl Edge {
             .arg(dir.join(workers))
             .arg("--config")
             .arg(dir.join("edge.yaml"))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -219,7 +220,7 @@ async fn sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_zero(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_file_limit_is_warned_about_at_start() {
     let (dir, _standins) = setup();
-    let edge = Edge::start_with_open_files(dir.path(), "workers", Some(1024)).await;
+    let edge = Edge::start_with(dir.path(), "workers", Some(1024), "info").await;
     let logs = edge.logs();
     assert!(
         logs.contains("open_files_limit=1024") && logs.contains("the open-file limit is low"),
@@ -228,4 +229,63 @@ async fn a_low_open_file_limit_is_warned_about_at_start() {
     // The default start, under this machine's limit, says what it has.
     let edge = Edge::start(dir.path(), "workers").await;
     assert!(edge.logs().contains("descriptor_table="), "{}", edge.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_access_line_is_written_before_the_edge_exits() {
+    let (dir, _standins) = setup();
+    let mut edge = Edge::start(dir.path(), "workers").await;
+    // Lines are written in batches: the last ones must not be lost when
+    // the edge is stopped right after answering them.
+    for i in 0..300 {
+        let (status, _) = edge
+            .get(&format!("/_matrix/client/v3/sync?since=line{i}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    edge.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || {
+        let code = edge.child.wait().unwrap();
+        (code, edge)
+    })
+    .await
+    .unwrap();
+    let (code, edge) = code;
+    assert_eq!(code.code(), Some(0));
+    let logs = edge.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("synapse_edge::access") && l.contains("since=line"))
+        .collect();
+    assert_eq!(lines.len(), 300, "{logs}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" 200 ") && l.contains("worker=client_sync1"))
+    );
+
+    // RUST_LOG can silence them, as it silences any other target.
+    let mut quiet =
+        Edge::start_with(dir.path(), "workers", None, "info,synapse_edge::access=off").await;
+    assert_eq!(
+        quiet
+            .get("/_matrix/client/v3/sync?since=quiet", &[])
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    quiet.signal("TERM");
+    let quiet = tokio::task::spawn_blocking(move || {
+        let _ = quiet.child.wait();
+        quiet
+    })
+    .await
+    .unwrap();
+    let logs = quiet.logs();
+    assert!(
+        logs.contains("stopped") && !logs.contains("synapse_edge::access"),
+        "{logs}"
+    );
 }
