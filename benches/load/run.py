@@ -38,7 +38,7 @@ PARKED = int(os.environ.get("BENCH_PARKED", "2000"))
 # every stand-in answer to about that many bytes (0: the small answer).
 ANSWER_BYTES = int(os.environ.get("BENCH_ANSWER_BYTES", "0"))
 # A subset for quick A/Bs while working, e.g. BENCH_SCENARIOS=http,longpoll
-SCENARIOS = os.environ.get("BENCH_SCENARIOS", "http,https,h2,upload,longpoll").split(",")
+SCENARIOS = os.environ.get("BENCH_SCENARIOS", "http,https,h2,logged,upload,longpoll").split(",")
 # A folder: each proxy's short-request runs are sampled with perf (call
 # stacks by DWARF unwinding) and drawn as flame graphs there. perf takes
 # CPU of its own, so such a run's figures are not comparable: results/ is
@@ -46,7 +46,8 @@ SCENARIOS = os.environ.get("BENCH_SCENARIOS", "http,https,h2,upload,longpoll").s
 PROFILE = os.environ.get("BENCH_PROFILE")
 ROUTED = ["main", "client_sync1", "rooms1", "rooms2", "rooms3", "rooms4", "federation_reader1", "media1"]
 PORT = {"direct": 18100, "nginx": 18101, "nginx-tls": 18102, "edge": 18103, "edge-tls": 18104, "edge-b": 18105,
-        "edge-b-tls": 18106, "stub": 18109}
+        "edge-b-tls": 18106, "stub": 18109, "nginx-logged": 18110, "nginx-buffered": 18111, "edge-logged": 18112,
+        "edge-logged-tls": 18113}
 
 procs = []
 WORKER_PIDS = []  # the stand-in workers' Nginx processes
@@ -231,6 +232,25 @@ http {{
     location ~ ^/_matrix/(media|client/v1/media)/ {{ proxy_pass http://media; }}
     location / {{ proxy_pass http://main; }}
   }}
+  # The same with access logs, as each proxy writes them by default: a line
+  # per request to a file (the "logged" scenario); and buffered, as a tuned
+  # Nginx writes them (the edge's are always written in batches).
+  server {{
+    listen 127.0.0.1:{PORT['nginx-logged']};
+    access_log {run}/nginx-access.log combined;
+    location ~ ^/_matrix/client/(r0|v3)/rooms/[^/]+/ {{ proxy_pass http://rooms; }}
+    location ~ ^/_matrix/client/(r0|v3)/sync$ {{ proxy_pass http://sync; }}
+    location ~ ^/_matrix/(media|client/v1/media)/ {{ proxy_pass http://media; }}
+    location / {{ proxy_pass http://main; }}
+  }}
+  server {{
+    listen 127.0.0.1:{PORT['nginx-buffered']};
+    access_log {run}/nginx-access-buffered.log combined buffer=32k flush=100ms;
+    location ~ ^/_matrix/client/(r0|v3)/rooms/[^/]+/ {{ proxy_pass http://rooms; }}
+    location ~ ^/_matrix/client/(r0|v3)/sync$ {{ proxy_pass http://sync; }}
+    location ~ ^/_matrix/(media|client/v1/media)/ {{ proxy_pass http://media; }}
+    location / {{ proxy_pass http://main; }}
+  }}
 }}
 """
     (run / "proxy.conf").write_text(conf)
@@ -316,6 +336,9 @@ PROFILED = {}  # "scenario-proxy": the proxy's pids and the requests served whil
 # own functions are named only where it exports them, so its HTTP/2 framing
 # lands in "proxy logic".
 CATEGORIES = [
+    # Formatting the line and writing it out, kernel time included (the
+    # edge's writer thread is named access-log).
+    ("access log (formatting and writing, kernel included)", "stack", r"access_log::|(^|;)access-log;|ngx_http_log_"),
     ("kernel: scheduler (switched away and back)", "stack",
      r"(^|;)(__schedule|schedule|preempt_schedule\w*)_\[k\]|(^|;)finish_task_switch[^;]*$"),
     ("kernel: TCP send, with the loopback delivery", "stack", r"tcp_sendmsg|net_rx_action|__tcp_push"),
@@ -361,7 +384,8 @@ def flame_graphs():
                                 check=True).stdout
         (Path(PROFILE) / f"{name}.folded").write_bytes(folded)
         scenario, proxy = name.split("-", 1)
-        title = f"{proxy}, short requests over {'HTTP/2 with TLS' if scenario == 'h2' else scenario.upper()}"
+        over = {"h2": "HTTP/2 with TLS", "logged": "HTTP with access logs"}.get(scenario, scenario.upper())
+        title = f"{proxy}, short requests over {over}"
         # Samples are weighted by their period: the widths are CPU time.
         svg = subprocess.run([str(tools / "inferno-flamegraph"), "--title", title, "--width", "1600", "--minwidth", "0.1",
                               "--colors", "rust", "--deterministic", "--countname", "ns of CPU"], input=folded,
@@ -370,7 +394,8 @@ def flame_graphs():
         data.unlink()
         tables[name] = breakdown(folded, profiled["requests"])
         print(f"flame graph: {Path(PROFILE) / (name + '.svg')}")
-    names = [f"{sc}-{px}" for sc in ("http", "https", "h2") for px in ("nginx", "edge") if f"{sc}-{px}" in tables]
+    names = [f"{sc}-{px}" for sc in ("http", "https", "h2", "logged") for px in ("nginx", "nginx-buffered", "edge")
+             if f"{sc}-{px}" in tables]
     lines = [f"CPU µs per request by where it goes, from the stacks perf sampled ({time.strftime('%Y-%m-%d %H:%M')}, "
              f"{SECONDS} s per proxy and scenario). perf's own cost is in these figures.", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -509,15 +534,16 @@ def main():
         sh(f"openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=bench "
            f"-addext subjectAltName=DNS:bench,IP:127.0.0.1 -keyout {run}/key.pem -out {run}/cert.pem")
         (run / "edge.yaml").write_text("access_log: false\nhealth:\n  interval: 2s\n")
+        (run / "edge-logged.yaml").write_text("access_log: true\nhealth:\n  interval: 2s\n")
         workers = start(["taskset", "-c", "1", "nginx", "-c", str(worker_nginx(run)), "-p", str(run)], run / "workers.log")
         wait_port(PORT["direct"])
         WORKER_PIDS[:] = children(workers.pid)
         nginx = start(["taskset", "-c", "1", "nginx", "-c", str(proxy_nginx(run)), "-p", str(run)], run / "proxy.log")
 
-        def start_edge(binary, name):
+        def start_edge(binary, name, config="edge.yaml"):
             return start(["taskset", "-c", "1", str(binary), "run", "--threads", "1", "--listen", f"127.0.0.1:{PORT[name]}",
                           "--listen-tls", f"127.0.0.1:{PORT[name + '-tls']}", "--tls-cert", str(run / "cert.pem"),
-                          "--tls-key", str(run / "key.pem"), "--config", str(run / "edge.yaml"),
+                          "--tls-key", str(run / "key.pem"), "--config", str(run / config),
                           "--synapse-config", str(run / "homeserver.yaml"), "--synapse-config", str(run / "workers")],
                          run / f"{name}.log")
 
@@ -552,6 +578,37 @@ def main():
                     runs["edge-b"].append(measured("edge-b", PORT["edge-b-tls" if tls else "edge-b"], [edge_b.pid], tls, load,
                                                    scenario))
             results[scenario] = runs
+        if "logged" in SCENARIOS:
+            # Short requests over HTTP with access logs on: each proxy's
+            # default (Nginx: a write per line; the edge: batches), and
+            # Nginx buffered. The edge's lines go to its stderr, a file here.
+            logged = start_edge(EDGE, "edge-logged", "edge-logged.yaml")
+            wait_port(PORT["edge-logged"])
+            wait_answers(PORT["edge-logged"])
+            wait_answers(PORT["nginx-logged"])
+            wrk(PORT["nginx-logged"], seconds=2)
+            wrk(PORT["edge-logged"], seconds=2)
+            print("short requests over HTTP, access logs on:")
+            runs = {"nginx": [], "nginx-buffered": [], "edge": []}
+            for _ in range(ROUNDS):
+                runs["nginx"].append(measured("nginx", PORT["nginx-logged"], nginx_pids, scenario="logged"))
+                runs["nginx-buffered"].append(measured("nginx-buffered", PORT["nginx-buffered"], nginx_pids,
+                                                       scenario="logged"))
+                runs["edge"].append(measured("edge", PORT["edge-logged"], [logged.pid], scenario="logged"))
+            logged.send_signal(signal.SIGTERM)
+            logged.wait(10)
+            # Each proxy must have logged every request it answered, or the
+            # comparison says nothing.
+            count = lambda f, mark: sum(1 for l in open(f, errors="replace") if mark in l)
+            lines = {"nginx": count(run / "nginx-access.log", "HTTP/1.1"),
+                     "nginx-buffered": count(run / "nginx-access-buffered.log", "HTTP/1.1"),
+                     "edge": count(run / "edge-logged.log", "synapse_edge::access")}
+            for k, n in lines.items():
+                served = sum(r["requests"] for r in runs[k])
+                print(f"  {k:14} {n} access lines for {served} requests measured (and the warm-up's)", flush=True)
+                if n < served:
+                    print(f"  !! {k}: fewer access lines than requests: this scenario does not count", flush=True)
+            results["logged"] = runs
         if "upload" in SCENARIOS:
             blob = run / "50MiB.bin"
             with open(blob, "wb") as f:
@@ -599,7 +656,7 @@ def main():
             shutil.rmtree(run, ignore_errors=True)
     if PROFILE:
         flame_graphs()
-    elif all(k in results for k in ("http", "https", "h2", "upload", "longpoll")):
+    elif all(k in results for k in ("http", "https", "h2", "logged", "upload", "longpoll")):
         report(results)
     else:
         print("(a subset of the scenarios: results/ left as it was)")
@@ -619,7 +676,7 @@ def report(res):
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(res, indent=2))
     rows = []
-    for sc in ("http", "https", "h2"):
+    for sc in ("http", "https", "h2", "logged"):
         r = res[sc]
         m = {k: {f: mean([x[f] for x in v]) for f in ("rps", "p50_us", "p99_us", "cpu_us_per_request", "core_us_per_request", "switches_per_request",
                                                      "worker_cpu_us_per_request", "upstream_conns_per_10k", "non2xx")} for k, v in r.items() if v}
@@ -641,6 +698,11 @@ def report(res):
         lines.append(f"| {sc}: CPU per request edge / nginx | {e['cpu_us_per_request']/n['cpu_us_per_request']:.2f} |")
         lines.append(f"| {sc}: core 1 busy per request (proxy, workers, kernel) edge / nginx | {e['core_us_per_request']/n['core_us_per_request']:.2f} |")
         lines.append(f"| {sc}: p99 edge / nginx | {e['p99_us']/n['p99_us']:.2f} |")
+        if "nginx-buffered" in m:
+            b = m["nginx-buffered"]
+            lines.append(f"| {sc}: rps edge / nginx with buffered logs | {e['rps']/b['rps']:.2f} |")
+            lines.append(f"| {sc}: CPU per request edge / nginx with buffered logs | "
+                         f"{e['cpu_us_per_request']/b['cpu_us_per_request']:.2f} |")
         if "direct" in m:
             lines.append(f"| {sc}: rps edge / direct | {e['rps']/m['direct']['rps']:.2f} |")
             lines.append(f"| {sc}: rps nginx / direct | {n['rps']/m['direct']['rps']:.2f} |")
@@ -682,7 +744,8 @@ def chart(rows, path):
                 if k in m:
                     ax.bar(i * 4 + j, m[k][field] / scale, color=colors[k], label=k if i == 0 else None)
         ax.set_xticks([i * 4 + 1 for i in range(len(rows))])
-        ax.set_xticklabels(["HTTP/2" if sc == "h2" else sc.upper() for sc, _ in rows])
+        names = {"h2": "HTTP/2", "logged": "HTTP,\naccess logs"}
+        ax.set_xticklabels([names.get(sc, sc.upper()) for sc, _ in rows])
         ax.set_title(title)
     axes[0].legend()
     fig.suptitle("synapse-edge vs Nginx vs direct (same stand-in workers)")
