@@ -1,7 +1,8 @@
 //! The edge process's life: SIGHUP reloads (a broken config is refused and
 //! the running one keeps serving), SIGTERM drains in-flight requests, refuses
-//! new connections and exits 0, with every access line written; a low
-//! open-file limit is warned about at start. Runs the real binary.
+//! new connections and exits 0, with every access line written; a stuck
+//! log reader never stalls serving; a low open-file limit is warned about
+//! at start. Runs the real binary.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -88,9 +89,25 @@ impl Edge {
     }
 
     async fn get(&self, target: &str, headers: &[(&str, &str)]) -> Result<(u16, String), String> {
+        get(&self.base, target, headers).await
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+/// A GET to the edge at `base`: its status and the worker that answered.
+async fn get(base: &str, target: &str, headers: &[(&str, &str)]) -> Result<(u16, String), String> {
+    {
         let client: Client<HttpConnector, Empty<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
-        let mut req = Request::get(format!("{}{target}", self.base));
+        let mut req = Request::get(format!("{base}{target}"));
         for (n, v) in headers {
             req = req.header(*n, *v);
         }
@@ -109,15 +126,6 @@ impl Edge {
             .await
             .map_err(|e| e.to_string())?;
         Ok((status, worker))
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
     }
 }
 
@@ -288,4 +296,109 @@ async fn every_access_line_is_written_before_the_edge_exits() {
         logs.contains("stopped") && !logs.contains("synapse_edge::access"),
         "{logs}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stops_reading_never_stalls_serving() {
+    use std::io::Read;
+    let (dir, _standins) = setup();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // stderr is a pipe nobody reads, as when journald or docker's log
+    // reader is stuck: it fills at 64 KiB.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_synapse-edge"))
+        .arg("run")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--synapse-config")
+        .arg(dir.path().join("homeserver.yaml"))
+        .arg("--synapse-config")
+        .arg(dir.path().join("workers"))
+        .arg("--config")
+        .arg(dir.path().join("edge.yaml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if get(&base, "/_matrix/client/versions", &[]).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the edge did not start");
+    // 3,000 lines of about 4 KiB each: far more than the pipe and the
+    // edge's 4 MiB of waiting lines per serving thread hold. Every request
+    // is still answered, and at once.
+    let agent = "a".repeat(4000);
+    let started = std::time::Instant::now();
+    for i in 0..3000 {
+        let (status, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(
+                &base,
+                &format!("/_matrix/client/v3/sync?since=n{i}"),
+                &[("user-agent", agent.as_str())],
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} waited on the log"))
+        .unwrap();
+        assert_eq!(status, 200);
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "serving slowed: {took:?}");
+    // Once the log is read again, what waited is written, and the lines
+    // that did not fit are reported.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+            if text
+                .windows(28)
+                .any(|w| w == b"access log lines dropped: st")
+            {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let mut text = String::new();
+    for _ in 0..100 {
+        if reader.is_finished() {
+            text = reader.join().unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("access log lines dropped"))
+        .unwrap_or_else(|| panic!("no report of dropped lines"));
+    let dropped: u64 = warning
+        .split("dropped=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let written = text.lines().filter(|l| l.contains("since=n")).count() as u64;
+    assert!(dropped > 0, "{warning}");
+    // What the pipe took before it filled, and the 4 MiB that waited (the
+    // other serving thread's lines may still be on their way).
+    assert!(written >= 900, "only {written} lines were written");
+    assert!(written + dropped <= 3000, "{written} + {dropped}");
 }
