@@ -41,6 +41,20 @@ pub enum Format {
     Json,
 }
 
+/// The format of every line, chosen with the rest of the process's
+/// logging at start (`log_format` is not reloaded: a reload must not
+/// leave the access lines in another format than the others).
+pub fn set_format(format: Format) {
+    let _ = FORMAT.set(format);
+}
+
+/// The format set at start; text if none was.
+pub fn format() -> Format {
+    FORMAT.get().copied().unwrap_or(Format::Text)
+}
+
+static FORMAT: OnceLock<Format> = OnceLock::new();
+
 /// Whether access lines are wanted: `access_log: true` in edge.yaml and
 /// not filtered out by `RUST_LOG`.
 pub fn enabled(configured: bool) -> bool {

@@ -460,6 +460,10 @@ fn route(
 }
 
 fn init_logging(format: LogFormat) {
+    crate::access_log::set_format(match format {
+        LogFormat::Text => crate::access_log::Format::Text,
+        LogFormat::Json => crate::access_log::Format::Json,
+    });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     use std::io::IsTerminal;

@@ -287,13 +287,8 @@ impl Proxy {
         let m = &*self.metrics;
         let method = req.method().clone();
         let edge = &snap.state.edge;
-        let access = access_log::enabled(edge.access_log).then(|| {
-            let format = match edge.log_format {
-                crate::config::LogFormat::Json => access_log::Format::Json,
-                crate::config::LogFormat::Text => access_log::Format::Text,
-            };
-            RequestFacts::of(&req, format)
-        });
+        let access = access_log::enabled(edge.access_log)
+            .then(|| RequestFacts::of(&req, access_log::format()));
         // Counts and logs the request if the client leaves before it is
         // answered (this future is then dropped mid-way).
         let mut unanswered = Unanswered {
