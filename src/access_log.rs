@@ -10,8 +10,9 @@
 //! and put the serving thread in a `write` to a pipe that journald or
 //! docker may be slow to read. A serving thread never waits on the log:
 //! if stderr takes nothing while a thread's buffer grows to 4 MiB, that
-//! thread's further lines are dropped, and the number dropped is reported
-//! once writing resumes.
+//! thread's further lines are dropped, counted in
+//! `synapse_edge_access_log_lines_dropped_total`, and reported once
+//! writing resumes.
 //!
 //! The lines keep `tracing`'s layout (timestamp, level, target, message,
 //! fields), so `log_format: json` still gives one JSON object per line and
@@ -19,6 +20,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -54,6 +56,14 @@ pub fn format() -> Format {
 }
 
 static FORMAT: OnceLock<Format> = OnceLock::new();
+
+/// Lines dropped since the process started
+/// (`synapse_edge_access_log_lines_dropped_total`).
+pub fn dropped_total() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Whether access lines are wanted: `access_log: true` in edge.yaml and
 /// not filtered out by `RUST_LOG`.
@@ -102,6 +112,7 @@ pub fn write(req: RequestFacts, done: Outcome, bytes: u64) {
         let mut pending = local.lock().unwrap_or_else(PoisonError::into_inner);
         if pending.buf.len() >= DROP_AT {
             pending.dropped += 1;
+            DROPPED.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let stamp = pending.clock.stamp(now);

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub last_reload: Gauge,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_errors: IntCounter,
+    /// Brought up to `access_log::dropped_total()` when scraped.
+    pub access_log_dropped: IntCounter,
     pub build_info: IntGaugeVec,
 }
 
@@ -104,6 +106,13 @@ impl Metrics {
             IntCounter::new(
                 "synapse_edge_tls_handshake_errors_total",
                 "Failed or timed-out TLS handshakes",
+            ),
+        );
+        let access_log_dropped = register(
+            &r,
+            IntCounter::new(
+                "synapse_edge_access_log_lines_dropped_total",
+                "Access log lines dropped because stderr took nothing while 4 MiB of them waited",
             ),
         );
         Metrics {
@@ -228,12 +237,17 @@ impl Metrics {
             last_reload,
             tls_handshakes,
             tls_handshake_errors,
+            access_log_dropped,
             registry: r,
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        // Counted by the access log, process-wide, off the request path.
+        let dropped = crate::access_log::dropped_total();
+        self.access_log_dropped
+            .inc_by(dropped.saturating_sub(self.access_log_dropped.get()));
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

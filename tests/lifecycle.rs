@@ -302,17 +302,22 @@ async fn every_access_line_is_written_before_the_edge_exits() {
 async fn a_log_reader_that_stops_reading_never_stalls_serving() {
     use std::io::Read;
     let (dir, _standins) = setup();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, metrics_port) = (free_port(), free_port());
     // stderr is a pipe nobody reads, as when journald or docker's log
     // reader is stuck: it fills at 64 KiB.
     let mut child = Command::new(env!("CARGO_BIN_EXE_synapse-edge"))
         .arg("run")
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--synapse-config")
         .arg(dir.path().join("homeserver.yaml"))
         .arg("--synapse-config")
@@ -355,6 +360,25 @@ async fn a_log_reader_that_stops_reading_never_stalls_serving() {
     }
     let took = started.elapsed();
     assert!(took < Duration::from_secs(30), "serving slowed: {took:?}");
+    // While stderr is stuck, the metric is how an operator learns of it.
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text
+    };
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("synapse_edge_access_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dropped-lines metric:\n{metrics}"));
+    assert!(counted > 0, "{metrics}");
     // Once the log is read again, what waited is written, and the lines
     // that did not fit are reported.
     let mut stderr = child.stderr.take().unwrap();
@@ -396,7 +420,10 @@ async fn a_log_reader_that_stops_reading_never_stalls_serving() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let written = text.lines().filter(|l| l.contains("since=n")).count() as u64;
-    assert!(dropped > 0, "{warning}");
+    assert!(
+        dropped > 0 && dropped <= counted,
+        "{warning}: {counted} counted"
+    );
     // What the pipe took before it filled, and the 4 MiB that waited (the
     // other serving thread's lines may still be on their way).
     assert!(written >= 900, "only {written} lines were written");
