@@ -74,7 +74,6 @@ pub fn enabled(configured: bool) -> bool {
 /// The request half of a line, taken when the request arrives (cheap
 /// clones of the parsed request's shared bytes).
 pub struct RequestFacts {
-    format: Format,
     method: Method,
     uri: Uri,
     version: Version,
@@ -82,9 +81,8 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    pub fn of<B>(req: &http::Request<B>, format: Format) -> RequestFacts {
+    pub fn of<B>(req: &http::Request<B>) -> RequestFacts {
         RequestFacts {
-            format,
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
@@ -116,7 +114,15 @@ pub fn write(req: RequestFacts, done: Outcome, bytes: u64) {
             return None;
         }
         let stamp = pending.clock.stamp(now);
-        format_line(&mut pending.buf, &req, &done, bytes, duration, &stamp);
+        format_line(
+            &mut pending.buf,
+            format(),
+            &req,
+            &done,
+            bytes,
+            duration,
+            &stamp,
+        );
         (pending.buf.len() >= FLUSH_AT).then(|| local.clone())
     });
     match full {
@@ -126,7 +132,7 @@ pub fn write(req: RequestFacts, done: Outcome, bytes: u64) {
         Err(_) => {
             let mut line = Vec::new();
             let stamp = Clock::default().stamp(now);
-            format_line(&mut line, &req, &done, bytes, duration, &stamp);
+            format_line(&mut line, format(), &req, &done, bytes, duration, &stamp);
             let _ = std::io::stderr().lock().write_all(&line);
         }
     }
@@ -191,6 +197,7 @@ pub fn flush() {
 /// One line into `out`.
 pub fn format_line(
     out: &mut Vec<u8>,
+    format: Format,
     req: &RequestFacts,
     done: &Outcome,
     bytes: u64,
@@ -208,7 +215,7 @@ pub fn format_line(
         _ => "-",
     };
     let agent = req.user_agent.as_ref().map(HeaderValue::as_bytes);
-    match req.format {
+    match format {
         Format::Text => {
             out.extend_from_slice(stamp);
             out.extend_from_slice(b"  INFO ");
@@ -509,7 +516,8 @@ mod tests {
         );
         format_line(
             &mut out,
-            &RequestFacts::of(&req, format),
+            format,
+            &RequestFacts::of(&req),
             &done,
             261,
             Duration::from_micros(1249),

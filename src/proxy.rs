@@ -287,8 +287,7 @@ impl Proxy {
         let m = &*self.metrics;
         let method = req.method().clone();
         let edge = &snap.state.edge;
-        let access = access_log::enabled(edge.access_log)
-            .then(|| RequestFacts::of(&req, access_log::format()));
+        let access = access_log::enabled(edge.access_log).then(|| RequestFacts::of(&req));
         // Counts and logs the request if the client leaves before it is
         // answered (this future is then dropped mid-way).
         let mut unanswered = Unanswered {
