@@ -202,6 +202,10 @@ http {{ access_log off; keepalive_requests 100000; client_body_temp_path {run}/w
 def proxy_nginx(run):
     """Nginx configured like the edge: same pools, keep-alive, hashing."""
     sock = lambda w: f"server unix:{run}/sockets/synapse_inbound_{w}.sock max_fails=0;"
+    locations = """    location ~ ^/_matrix/client/(r0|v3)/rooms/[^/]+/ { proxy_pass http://rooms; }
+    location ~ ^/_matrix/client/(r0|v3)/sync$ { proxy_pass http://sync; }
+    location ~ ^/_matrix/(media|client/v1/media)/ { proxy_pass http://media; }
+    location / { proxy_pass http://main; }"""
     conf = f"""user root; worker_processes 1; daemon off; pid {run}/proxy.pid; error_log {run}/proxy-error.log warn;
 worker_rlimit_nofile 65536;
 events {{ worker_connections 16384; }}
@@ -227,10 +231,7 @@ http {{
     listen 127.0.0.1:{PORT['nginx-tls']} ssl http2;
     ssl_certificate {run}/cert.pem; ssl_certificate_key {run}/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;
-    location ~ ^/_matrix/client/(r0|v3)/rooms/[^/]+/ {{ proxy_pass http://rooms; }}
-    location ~ ^/_matrix/client/(r0|v3)/sync$ {{ proxy_pass http://sync; }}
-    location ~ ^/_matrix/(media|client/v1/media)/ {{ proxy_pass http://media; }}
-    location / {{ proxy_pass http://main; }}
+{locations}
   }}
   # The same with access logs, as each proxy writes them by default: a line
   # per request to a file (the "logged" scenario); and buffered, as a tuned
@@ -238,18 +239,12 @@ http {{
   server {{
     listen 127.0.0.1:{PORT['nginx-logged']};
     access_log {run}/nginx-access.log combined;
-    location ~ ^/_matrix/client/(r0|v3)/rooms/[^/]+/ {{ proxy_pass http://rooms; }}
-    location ~ ^/_matrix/client/(r0|v3)/sync$ {{ proxy_pass http://sync; }}
-    location ~ ^/_matrix/(media|client/v1/media)/ {{ proxy_pass http://media; }}
-    location / {{ proxy_pass http://main; }}
+{locations}
   }}
   server {{
     listen 127.0.0.1:{PORT['nginx-buffered']};
     access_log {run}/nginx-access-buffered.log combined buffer=32k flush=100ms;
-    location ~ ^/_matrix/client/(r0|v3)/rooms/[^/]+/ {{ proxy_pass http://rooms; }}
-    location ~ ^/_matrix/client/(r0|v3)/sync$ {{ proxy_pass http://sync; }}
-    location ~ ^/_matrix/(media|client/v1/media)/ {{ proxy_pass http://media; }}
-    location / {{ proxy_pass http://main; }}
+{locations}
   }}
 }}
 """
