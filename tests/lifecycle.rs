@@ -104,29 +104,27 @@ impl Edge {
 
 /// A GET to the edge at `base`: its status and the worker that answered.
 async fn get(base: &str, target: &str, headers: &[(&str, &str)]) -> Result<(u16, String), String> {
-    {
-        let client: Client<HttpConnector, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
-        let mut req = Request::get(format!("{base}{target}"));
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let resp = client
-            .request(req.body(Empty::new()).unwrap())
-            .await
-            .map_err(|e| e.to_string())?;
-        let worker = resp
-            .headers()
-            .get("x-worker")
-            .map(|v| v.to_str().unwrap_or("").to_string())
-            .unwrap_or_default();
-        let status = resp.status().as_u16();
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((status, worker))
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::get(format!("{base}{target}"));
+    for (n, v) in headers {
+        req = req.header(*n, *v);
     }
+    let resp = client
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let worker = resp
+        .headers()
+        .get("x-worker")
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let status = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, worker))
 }
 
 fn setup() -> (tempfile::TempDir, Vec<StandIn>) {
