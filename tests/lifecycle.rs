@@ -38,35 +38,10 @@ impl Edge {
     /// Started under an open-file limit of `limit` (soft and hard) if given,
     /// with `RUST_LOG=rust_log`.
     async fn start_with(dir: &Path, workers: &str, limit: Option<u32>, rust_log: &str) -> Edge {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let log = dir.join(format!("edge-{port}.log"));
-        let bin = env!("CARGO_BIN_EXE_synapse-edge");
-        let mut cmd = match limit {
-            None => Command::new(bin),
-            Some(n) => {
-                let mut sh = Command::new("sh");
-                sh.arg("-c")
-                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
-                    .arg(bin);
-                sh
-            }
-        };
-        let child = cmd
-            .arg("run")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--synapse-config")
-            .arg(dir.join("homeserver.yaml"))
-            .arg("--synapse-config")
-            .arg(dir.join(workers))
-            .arg("--config")
-            .arg(dir.join("edge.yaml"))
+        let child = edge_command(dir, workers, port, limit)
             .env("RUST_LOG", rust_log)
-            .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -75,13 +50,10 @@ impl Edge {
             base: format!("http://127.0.0.1:{port}"),
             log,
         };
-        for _ in 0..100 {
-            if edge.get("/_matrix/client/versions", &[]).await.is_ok() {
-                return edge;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !answers(&edge.base).await {
+            panic!("the edge did not start: {}", edge.logs());
         }
-        panic!("the edge did not start: {}", edge.logs());
+        edge
     }
 
     fn logs(&self) -> String {
@@ -100,6 +72,52 @@ impl Edge {
             .unwrap();
         assert!(ok.success());
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `synapse-edge run` on the demo config in `dir`, listening on `port`,
+/// under an open-file limit of `limit` (soft and hard) if given.
+fn edge_command(dir: &Path, workers: &str, port: u16, limit: Option<u32>) -> Command {
+    let bin = env!("CARGO_BIN_EXE_synapse-edge");
+    let mut cmd = match limit {
+        None => Command::new(bin),
+        Some(n) => {
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                .arg(bin);
+            sh
+        }
+    };
+    cmd.arg("run")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--synapse-config")
+        .arg(dir.join("homeserver.yaml"))
+        .arg("--synapse-config")
+        .arg(dir.join(workers))
+        .arg("--config")
+        .arg(dir.join("edge.yaml"))
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Whether the edge at `base` answers within 5 s.
+async fn answers(base: &str) -> bool {
+    for _ in 0..100 {
+        if get(base, "/_matrix/client/versions", &[]).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// A GET to the edge at `base`: its status and the worker that answered.
@@ -300,43 +318,18 @@ async fn every_access_line_is_written_before_the_edge_exits() {
 async fn a_log_reader_that_stops_reading_never_stalls_serving() {
     use std::io::Read;
     let (dir, _standins) = setup();
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let (port, metrics_port) = (free_port(), free_port());
     // stderr is a pipe nobody reads, as when journald or docker's log
     // reader is stuck: it fills at 64 KiB.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_synapse-edge"))
-        .arg("run")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
+    let mut child = edge_command(dir.path(), "workers", port, None)
         .arg("--metrics")
         .arg(format!("127.0.0.1:{metrics_port}"))
-        .arg("--synapse-config")
-        .arg(dir.path().join("homeserver.yaml"))
-        .arg("--synapse-config")
-        .arg(dir.path().join("workers"))
-        .arg("--config")
-        .arg(dir.path().join("edge.yaml"))
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..100 {
-        if get(&base, "/_matrix/client/versions", &[]).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "the edge did not start");
+    assert!(answers(&base).await, "the edge did not start");
     // 3,000 lines of about 4 KiB each: far more than the pipe and the
     // edge's 4 MiB of waiting lines per serving thread hold. Every request
     // is still answered, and at once.
