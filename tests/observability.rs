@@ -387,7 +387,12 @@ async fn the_access_log_never_contains_a_token() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let _ = child.kill();
+        // Stopped as an operator stops it: every line is written first.
+        let stopped = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
         let _ = child.wait();
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(
