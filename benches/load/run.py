@@ -49,6 +49,10 @@ PORT = {"direct": 18100, "nginx": 18101, "nginx-tls": 18102, "edge": 18103, "edg
         "edge-b-tls": 18106, "stub": 18109, "nginx-logged": 18110, "nginx-buffered": 18111, "edge-logged": 18112,
         "edge-logged-tls": 18113}
 
+# Nginx against itself (round 1 / round 2) beyond this: the run is flagged
+# as disturbed.
+AA_LIMIT = 0.05
+
 procs = []
 WORKER_PIDS = []  # the stand-in workers' Nginx processes
 
@@ -687,6 +691,7 @@ def report(res):
     lines.append("")
     lines.append("| ratio | value |")
     lines.append("|---|---|")
+    noisy = []
     for sc, m in rows:
         e, n = m["edge"], m["nginx"]
         lines.append(f"| {sc}: rps edge / nginx | {e['rps']/n['rps']:.2f} |")
@@ -704,6 +709,13 @@ def report(res):
         ng = [x["rps"] for x in res[sc]["nginx"]]
         if len(ng) > 1:
             lines.append(f"| {sc}: A/A noise, nginx round 1 / round 2 rps | {ng[0]/ng[1]:.3f} |")
+            if abs(ng[0] / ng[1] - 1) > AA_LIMIT:
+                noisy.append(f"{sc} {ng[0]/ng[1]:.3f}")
+    if noisy:
+        # Said first: these ratios are not to be trusted.
+        lines[1:1] = ["", f"**Disturbed run**: Nginx against itself differs by more than {AA_LIMIT:.0%} between rounds "
+                      f"({', '.join(noisy)}); look for other load on the machine and run again before trusting "
+                      f"the ratios."]
     up = res["upload"]
     lines.append(f"| 50 MiB upload time edge / nginx | {up['edge']['seconds']/up['nginx']['seconds']:.2f} |")
     lines.append("")
