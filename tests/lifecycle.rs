@@ -4,6 +4,8 @@
 //! log reader never stalls serving; a low open-file limit is warned about
 //! at start. Runs the real binary.
 
+mod common;
+use common::free_port;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -72,14 +74,6 @@ impl Edge {
             .unwrap();
         assert!(ok.success());
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `synapse-edge run` on the demo config in `dir`, listening on `port`,

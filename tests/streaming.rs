@@ -2,6 +2,8 @@
 //! grow with the body. The edge runs as its own process (the real binary)
 //! so its memory can be read from /proc.
 
+mod common;
+use common::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -39,14 +41,6 @@ fn memory_kib(pid: u32) -> (u64, u64) {
             .unwrap()
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,15 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use synapse_edge::balancing::{AllUp, Health};
 use synapse_edge::state::{EdgeState, RequestView, Sources};
 
+/// A TCP port free on 127.0.0.1 (for a listener a spawned process binds).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
