@@ -139,7 +139,7 @@ pub fn write(req: RequestFacts, done: Outcome, bytes: u64) {
 }
 
 /// A line's timestamp, `2026-11-27T01:02:03.123456Z` (as `tracing`'s).
-pub type Stamp = [u8; 27];
+type Stamp = [u8; 27];
 
 /// Wall-clock timestamps from the monotonic clock read the line needs
 /// anyway: the wall clock is read again once a second (so a step of it
@@ -195,7 +195,7 @@ pub fn flush() {
 }
 
 /// One line into `out`.
-pub fn format_line(
+fn format_line(
     out: &mut Vec<u8>,
     format: Format,
     req: &RequestFacts,
