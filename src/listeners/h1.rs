@@ -268,12 +268,9 @@ async fn next_head<I: ClientIo>(
     first: bool,
     stop: &mut watch::Receiver<bool>,
 ) -> Next {
-    let idle_deadline = Instant::now()
-        + if first {
-            settings.header_read_timeout
-        } else {
-            settings.client_idle_timeout
-        };
+    // Read from the clock when the connection first waits: a pipelined
+    // head already buffered needs no clock at all.
+    let mut idle_deadline: Option<Instant> = None;
     let mut head_deadline: Option<Instant> = None;
     // How far the buffer was searched for the head's end: a head is parsed
     // once it is all there, not again at every read of a slow client.
@@ -312,7 +309,18 @@ async fn next_head<I: ClientIo>(
             }
         }
         let idle = head_deadline.is_none();
-        timer.set(head_deadline.unwrap_or(idle_deadline));
+        let deadline = match head_deadline {
+            Some(d) => d,
+            None => *idle_deadline.get_or_insert_with(|| {
+                Instant::now()
+                    + if first {
+                        settings.header_read_timeout
+                    } else {
+                        settings.client_idle_timeout
+                    }
+            }),
+        };
+        timer.set(deadline);
         let limit = settings.max_header_size;
         tokio::select! {
             biased;
