@@ -43,19 +43,30 @@ pub enum Format {
     Json,
 }
 
-/// The format of every line, chosen with the rest of the process's
-/// logging at start (`log_format` is not reloaded: a reload must not
-/// leave the access lines in another format than the others).
-pub fn set_format(format: Format) {
-    let _ = FORMAT.set(format);
+/// How the process logs, settled once at start with the rest of its
+/// logging (`log_format` and `RUST_LOG` are not reloaded).
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    format: Format,
+    /// `RUST_LOG` lets `synapse_edge::access` lines through.
+    wanted: bool,
 }
 
-/// The format set at start; text if none was.
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+/// Settles the format of every line and whether `RUST_LOG` lets them
+/// through; called once the process's log subscriber is installed, so the
+/// request path asks neither again (and a reload cannot leave the access
+/// lines in another format than the others).
+pub fn init(format: Format) {
+    let wanted = tracing::enabled!(target: TARGET, tracing::Level::INFO);
+    let _ = SETTINGS.set(Settings { format, wanted });
+}
+
+/// The format settled at start; text if [`init`] did not run.
 pub fn format() -> Format {
-    FORMAT.get().copied().unwrap_or(Format::Text)
+    SETTINGS.get().map_or(Format::Text, |s| s.format)
 }
-
-static FORMAT: OnceLock<Format> = OnceLock::new();
 
 /// Lines dropped since the process started
 /// (`synapse_edge_access_log_lines_dropped_total`).
@@ -68,7 +79,12 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Whether access lines are wanted: `access_log: true` in edge.yaml and
 /// not filtered out by `RUST_LOG`.
 pub fn enabled(configured: bool) -> bool {
-    configured && tracing::enabled!(target: TARGET, tracing::Level::INFO)
+    configured
+        && match SETTINGS.get() {
+            Some(s) => s.wanted,
+            // Not settled (a library user's own runtime): ask the subscriber.
+            None => tracing::enabled!(target: TARGET, tracing::Level::INFO),
+        }
 }
 
 /// The request half of a line, taken when the request arrives (cheap

@@ -460,10 +460,6 @@ fn route(
 }
 
 fn init_logging(format: LogFormat) {
-    crate::access_log::set_format(match format {
-        LogFormat::Text => crate::access_log::Format::Text,
-        LogFormat::Json => crate::access_log::Format::Json,
-    });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     use std::io::IsTerminal;
@@ -475,6 +471,11 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    // After the subscriber: the access log asks it once, here.
+    crate::access_log::init(match format {
+        LogFormat::Text => crate::access_log::Format::Text,
+        LogFormat::Json => crate::access_log::Format::Json,
+    });
 }
 
 /// The runtime for signals, health checks, reloads and the metrics
