@@ -546,3 +546,35 @@ async fn the_status_page_shows_a_worker_going_down() {
         "no screenshot"
     );
 }
+
+#[test]
+fn every_metric_the_grafana_dashboard_queries_is_one_the_edge_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../contrib/grafana-dashboard.json")).unwrap();
+    let defined = include_str!("../src/metrics.rs");
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("synapse_edge_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    defined.contains(&format!("\"{family}\"")),
+                    "panel {:?} queries {name}, which the edge does not export",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 15, "only {queried} metric references found");
+}
