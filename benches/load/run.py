@@ -26,10 +26,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-EDGE = ROOT / "target" / "release" / "synapse-edge"
+# The edge under test: run.sh sets the PGO build (scripts/build-pgo.sh), the
+# binary the Docker image ships; `cargo build --release` without it.
+EDGE = Path(os.environ.get("BENCH_EDGE", ROOT / "target" / "release" / "synapse-edge"))
 # Another build of the edge to compare in the same rounds (an A/B of a
-# change): its short-request runs are reported as "edge-b".
+# change; run.sh: the plain `cargo build --release`): its short-request runs
+# are reported as "edge-b".
 EDGE_B = os.environ.get("BENCH_EDGE_B")
+# What each build is, for the report's header.
+BUILDS = {"edge": os.environ.get("BENCH_EDGE_NAME", str(EDGE)), "edge-b": os.environ.get("BENCH_EDGE_B_NAME", EDGE_B)}
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
@@ -527,7 +532,7 @@ def main():
     for d in ("wtmp", "ptmp"):
         (run / d).mkdir()
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "seconds": SECONDS, "rounds": ROUNDS,
-               "connections": CONNS}
+               "connections": CONNS, "builds": {k: v for k, v in BUILDS.items() if v}}
     try:
         sh([str(EDGE), "demo", "--write-config", str(run)])
         sh(f"openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=bench "
@@ -556,7 +561,8 @@ def main():
             wait_answers(PORT["edge-b"])
         nginx_pids, edge_pids = children(nginx.pid), [edge.pid]
         print(f"machine: {results['machine']}\nwrk: 1 thread, {CONNS} connections, {SECONDS} s per run, {ROUNDS} rounds; "
-              f"proxies and workers on core 1, wrk on core 0\n", flush=True)
+              f"proxies and workers on core 1, wrk on core 0", flush=True)
+        print("".join(f"{k}: {v}\n" for k, v in results["builds"].items()), flush=True)
         wrk(PORT["nginx"], seconds=2)
         wrk(PORT["edge"], seconds=2)
         if edge_b:
@@ -681,6 +687,7 @@ def report(res):
                                                      "worker_cpu_us_per_request", "upstream_conns_per_10k", "non2xx")} for k, v in r.items() if v}
         rows.append((sc, m))
     lines = [f"Run {res['date']} on {res['machine']}; {res['rounds']} rounds of {res['seconds']} s, wrk 1 thread, {res['connections']} connections.", ""]
+    lines += [f"- {k}: {v}" for k, v in res["builds"].items()] + [""]
     lines.append("| scenario | target | rps | p50 ms | p99 ms | CPU µs/req | core 1 busy µs/req | context switches/req | workers' CPU µs/req | upstream conns per 10k | non-2xx |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for sc, m in rows:
@@ -703,6 +710,11 @@ def report(res):
             lines.append(f"| {sc}: rps edge / nginx with buffered logs | {e['rps']/b['rps']:.2f} |")
             lines.append(f"| {sc}: CPU per request edge / nginx with buffered logs | "
                          f"{e['cpu_us_per_request']/b['cpu_us_per_request']:.2f} |")
+        if "edge-b" in m:
+            b = m["edge-b"]
+            lines.append(f"| {sc}: rps edge-b / nginx | {b['rps']/n['rps']:.2f} |")
+            lines.append(f"| {sc}: CPU per request edge-b / nginx | {b['cpu_us_per_request']/n['cpu_us_per_request']:.2f} |")
+            lines.append(f"| {sc}: p99 edge-b / nginx | {b['p99_us']/n['p99_us']:.2f} |")
         if "direct" in m:
             lines.append(f"| {sc}: rps edge / direct | {e['rps']/m['direct']['rps']:.2f} |")
             lines.append(f"| {sc}: rps nginx / direct | {n['rps']/m['direct']['rps']:.2f} |")
@@ -744,13 +756,15 @@ def chart(rows, path):
         print("(matplotlib missing: no chart)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    labels, colors = ["direct", "nginx", "edge"], {"direct": "#999", "nginx": "#2a7", "edge": "#35c"}
+    labels = ["direct", "nginx", "edge", "edge-b"]
+    colors = {"direct": "#999", "nginx": "#2a7", "edge": "#35c", "edge-b": "#9ad"}
+    legend = {"edge": "edge (PGO build)" if "edge-b" in rows[0][1] else "edge", "edge-b": "edge (plain build)"}
     for ax, field, title, scale in ((axes[0], "rps", "requests per second", 1), (axes[1], "p99_us", "p99 latency (ms)", 1000)):
         for i, (sc, m) in enumerate(rows):
             for j, k in enumerate(labels):
                 if k in m:
-                    ax.bar(i * 4 + j, m[k][field] / scale, color=colors[k], label=k if i == 0 else None)
-        ax.set_xticks([i * 4 + 1 for i in range(len(rows))])
+                    ax.bar(i * 5 + j, m[k][field] / scale, color=colors[k], label=legend.get(k, k) if i == 0 else None)
+        ax.set_xticks([i * 5 + 1.5 for i in range(len(rows))])
         names = {"h2": "HTTP/2", "logged": "HTTP,\naccess logs"}
         ax.set_xticklabels([names.get(sc, sc.upper()) for sc, _ in rows])
         ax.set_title(title)

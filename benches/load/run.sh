@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Load benchmark: synapse-edge vs Nginx vs direct on the same stand-in
 # workers (not part of the test suite). Installs nginx, wrk and matplotlib
-# if missing, builds the release binary, runs benches/load/run.py.
+# if missing, builds the release binary and the PGO one
+# (scripts/build-pgo.sh, as the Docker image ships it), runs
+# benches/load/run.py: the PGO build is "edge", the plain `cargo build
+# --release` is "edge-b" beside it in the short-request scenarios.
 #   BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=64 BENCH_PARKED=2000 benches/load/run.sh
 # Also: BENCH_SCENARIOS=http,https (a subset), BENCH_ANSWER_BYTES=2000 (larger
-# worker answers), BENCH_EDGE_B=path/to/other/synapse-edge (an A/B of two builds).
+# worker answers), BENCH_PGO=0 (the plain build alone, no PGO build),
+# BENCH_EDGE_B=path/to/other/synapse-edge (an A/B of two builds).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 need=()
@@ -22,5 +26,15 @@ VENV=$ROOT/target/bench-venv
   python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib
 }
 (cd "$ROOT" && cargo build --release --locked --quiet)
+if [ "${BENCH_PGO:-1}" = 1 ]; then
+  "$ROOT/scripts/build-pgo.sh"
+  export BENCH_EDGE=$ROOT/target/pgo/synapse-edge
+  export BENCH_EDGE_NAME="PGO build (scripts/build-pgo.sh), as the Docker image ships it"
+  # The plain build beside it (not while profiling: the flame graphs are the PGO build's).
+  if [ -z "${BENCH_EDGE_B:-}" ] && [ -z "${BENCH_PROFILE:-}" ]; then
+    export BENCH_EDGE_B=$ROOT/target/release/synapse-edge
+    export BENCH_EDGE_B_NAME="plain build (cargo build --release)"
+  fi
+fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 exec "$VENV/bin/python" "$ROOT/benches/load/run.py"
