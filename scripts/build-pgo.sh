@@ -69,6 +69,8 @@ for _ in $(seq 100); do
   curl -fsS -o /dev/null "http://127.0.0.1:$PORT/_matrix/client/versions" 2>/dev/null && break
   sleep 0.1
 done
+curl -fsS -o /dev/null "http://127.0.0.1:$PORT/_matrix/client/versions" \
+  || { echo "build-pgo: the edge did not start:" >&2; cat "$T/edge.log" >&2; exit 1; }
 wrk -t1 -c64 -d8s -s scripts/pgo/train.lua "http://127.0.0.1:$PORT" >"$T/wrk-http.txt"
 wrk -t1 -c64 -d8s -s scripts/pgo/train.lua "https://127.0.0.1:$((PORT + 1))" >"$T/wrk-https.txt"
 for i in $(seq 0 1999); do
@@ -86,6 +88,12 @@ for _ in $(seq 20); do
     "http://127.0.0.1:$PORT/_matrix/media/v3/upload"
 done
 grep -h -E 'Requests/sec|requests:' "$T/wrk-http.txt" "$T/wrk-https.txt" "$T/h2load.txt" >&2
+# A profile of error answers would mark the wrong paths hot.
+if grep -h -E 'Non-2xx|Socket errors' "$T/wrk-http.txt" "$T/wrk-https.txt" >&2 \
+  || ! grep -q ' 0 failed, 0 errored' "$T/h2load.txt"; then
+  echo "build-pgo: the training load had errors (above; $T)" >&2
+  exit 1
+fi
 kill -TERM "$edge"
 wait "$edge" || true
 
