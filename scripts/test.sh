@@ -3,7 +3,10 @@
 # end-to-end suite against real Synapse (tests/e2e/run.sh installs what it
 # needs: PostgreSQL, Redis, a Python venv with pinned Synapse and matrix-nio),
 # and Chromium for the status page test.
-# SKIP_E2E=1 skips the end-to-end suite for a quick local run.
+# Then the PGO build the Docker image ships (scripts/build-pgo.sh: trained
+# under load with no error answers), and its binary routing the demo.
+# SKIP_E2E=1 skips the end-to-end suite, SKIP_PGO=1 the PGO build, for a
+# quick local run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +26,8 @@ cargo test --locked --all-targets
 if [ -z "${SKIP_E2E:-}" ]; then
   echo "== end-to-end (real Synapse)"
   tests/e2e/run.sh
+fi
+if [ -z "${SKIP_PGO:-}" ]; then
+  echo "== PGO build (scripts/build-pgo.sh)"
+  scripts/check-pgo.sh
 fi
