@@ -36,5 +36,9 @@ if [ "${BENCH_PGO:-1}" = 1 ]; then
     export BENCH_EDGE_B_NAME="plain build (cargo build --release)"
   fi
 fi
+# The builds leave gigabytes of dirty pages: written back during the first
+# runs, they had made them noisy (Nginx A/A 0.77). Flush them first.
+sync
+sleep 5
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 exec "$VENV/bin/python" "$ROOT/benches/load/run.py"
