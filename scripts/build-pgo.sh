@@ -96,6 +96,7 @@ if grep -h -E 'Non-2xx|Socket errors' "$T/wrk-http.txt" "$T/wrk-https.txt" >&2 \
 fi
 kill -TERM "$edge"
 wait "$edge" || true
+cleanup # the demo's stand-ins too, before the long build
 
 echo "build-pgo: 3/4 merging the profile" >&2
 "$PROFDATA" merge -o "$OUT/edge.profdata" "$OUT"/raw/*.profraw
