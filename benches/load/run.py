@@ -758,7 +758,9 @@ def chart(rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     labels = ["direct", "nginx", "edge", "edge-b"]
     colors = {"direct": "#999", "nginx": "#2a7", "edge": "#35c", "edge-b": "#9ad"}
-    legend = {"edge": "edge (PGO build)" if "edge-b" in rows[0][1] else "edge", "edge-b": "edge (plain build)"}
+    # run.sh's two builds by what they are; any other A/B as edge and edge-b.
+    pgo = os.environ.get("BENCH_EDGE_NAME", "").startswith("PGO") and os.environ.get("BENCH_EDGE_B_NAME", "").startswith("plain")
+    legend = {"edge": "edge (PGO build)", "edge-b": "edge (plain build)"} if pgo else {}
     for ax, field, title, scale in ((axes[0], "rps", "requests per second", 1), (axes[1], "p99_us", "p99 latency (ms)", 1000)):
         for i, (sc, m) in enumerate(rows):
             for j, k in enumerate(labels):
