@@ -36,12 +36,9 @@ const DROP_AT: usize = 4 * 1024 * 1024;
 /// The longest a line waits in a buffer.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-/// Text (`tracing`'s layout, combined-like message) or one JSON object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Json,
-}
+/// Text (`tracing`'s layout, combined-like message) or one JSON object:
+/// edge.yaml's `log_format`, the same as the process's other lines.
+pub use crate::config::LogFormat as Format;
 
 /// How the process logs, settled once at start with the rest of its
 /// logging (`log_format` and `RUST_LOG` are not reloaded).

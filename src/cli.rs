@@ -472,10 +472,7 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     // After the subscriber: the access log asks it once, here.
-    crate::access_log::init(match format {
-        LogFormat::Text => crate::access_log::Format::Text,
-        LogFormat::Json => crate::access_log::Format::Json,
-    });
+    crate::access_log::init(format);
 }
 
 /// The runtime for signals, health checks, reloads and the metrics
