@@ -763,43 +763,40 @@ pub fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response<
 /// Hop-by-hop headers concern one connection, not the request: the ones
 /// RFC 9110 names, `Proxy-*`, and any that `Connection` lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none: look once before removing anything.
-    let any = headers.keys().any(|k| {
-        let n = k.as_str();
-        matches!(
+    // One walk over the names finds the fixed ones; most requests have
+    // none, and most answers only `Connection: keep-alive`, whose options
+    // name no header. Removal is by `HeaderName`, hashed without parsing.
+    let mut doomed: SmallVec<[HeaderName; 4]> = SmallVec::new();
+    for name in headers.keys() {
+        let n = name.as_str();
+        if matches!(
             n,
             "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
         ) || n.starts_with("proxy-")
-    });
-    if !any {
+        {
+            doomed.push(name.clone());
+        }
+    }
+    if doomed.is_empty() {
         return;
     }
-    let listed: SmallVec<[HeaderName; 4]> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    for value in headers.get_all(CONNECTION) {
+        for option in value.as_bytes().split(|&b| b == b',') {
+            let option = option.trim_ascii();
+            // Connection options, not header names (and `keep-alive` is
+            // already doomed).
+            if option.is_empty()
+                || option.eq_ignore_ascii_case(b"close")
+                || option.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(option) {
+                doomed.push(name);
+            }
+        }
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-    let proxied: SmallVec<[HeaderName; 2]> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for name in proxied {
+    for name in doomed {
         headers.remove(name);
     }
 }
