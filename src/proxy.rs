@@ -876,3 +876,51 @@ pub async fn health_loop(proxy: Arc<Proxy>) {
         tokio::time::sleep(interval).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(lines: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in lines {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// What is left, sorted (removal does not keep the order of names).
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn headers_named_by_any_connection_option_go_with_it() {
+        let mut h = map(&[
+            ("connection", "Close, X-Session-Hint"),
+            ("connection", " x-other ,keep-alive"),
+            ("x-session-hint", "a"),
+            ("x-other", "b"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authenticate", "Basic"),
+            ("content-type", "application/json"),
+            ("x-worker", "rooms1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "x-worker"]);
+    }
+
+    #[test]
+    fn end_to_end_headers_are_kept_when_connection_only_says_keep_alive() {
+        let mut h = map(&[
+            ("server", "nginx"),
+            ("connection", "keep-alive"),
+            ("content-length", "28"),
+            ("x-worker", "main"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-length", "server", "x-worker"]);
+    }
+}
