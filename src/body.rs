@@ -344,6 +344,15 @@ impl ResponseBody {
         }
     }
 
+    /// The worker's header lines, when the answer carries them as lines
+    /// rather than in its `HeaderMap` (an HTTP/1 client's answers).
+    pub fn header_lines(&self) -> Option<&crate::upstream::h1::PassedLines> {
+        match &self.content {
+            Content::Upstream(b) => b.header_lines(),
+            Content::Full(_) => None,
+        }
+    }
+
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ResponseBody {
             content: Content::Full(Some(bytes.into())),

@@ -12,7 +12,7 @@ use http::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
     STRICT_TRANSPORT_SECURITY,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use prometheus::{IntCounter, IntGauge};
 use smallvec::SmallVec;
 use tokio::time::Instant;
@@ -29,6 +29,7 @@ use crate::routes::Route;
 use crate::state::{EdgeState, RequestView};
 use crate::topology::WorkerId;
 use crate::topology::WorkerPool;
+use crate::upstream::h1::AnswerHeaders;
 use crate::upstream::{Clients, Head, UpstreamError, Upstreams};
 
 /// The default body limit, Synapse's default `max_upload_size`.
@@ -544,6 +545,14 @@ impl Snapshot {
             method: &method,
             target: pq.as_str(),
             headers: &headers,
+            // HTTP/1 clients are answered by the edge's own server, which
+            // writes the worker's lines as they came; hyper's HTTP/2 server
+            // needs a map.
+            answer_headers: if parts.version == Version::HTTP_2 {
+                AnswerHeaders::Map
+            } else {
+                AnswerHeaders::Lines
+            },
         };
         // Retried after a response was lost only when repeating is harmless.
         let idempotent = matches!(
@@ -842,6 +851,7 @@ impl Snapshot {
                     method: &Method::GET,
                     target: "/health",
                     headers: &headers,
+                    answer_headers: AnswerHeaders::Map,
                 };
                 let started = Instant::now();
                 let ok = matches!(

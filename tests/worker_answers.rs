@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::harness::Harness;
-use http::StatusCode;
-use http_body_util::StreamBody;
+use common::harness::{Harness, read_answer};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use synapse_edge::demo;
+use synapse_edge::front::ListenerRole;
+use synapse_edge::listeners::{ListenAddr, ListenerSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -189,6 +191,16 @@ async fn read_until(conn: &mut UnixStream, buf: &mut Vec<u8>, end: &[u8]) -> Opt
 
 /// The guide's topology with `name` replaced by a scripted worker.
 async fn edge_with_scripted(name: &str, script: fn(&str) -> Script) -> (Harness, ScriptedWorker) {
+    let plain = ListenerSpec::plain(ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()));
+    edge_with_scripted_on(name, script, vec![plain]).await
+}
+
+/// The same, on these listeners (the first plain TCP).
+async fn edge_with_scripted_on(
+    name: &str,
+    script: fn(&str) -> Script,
+    listeners: Vec<ListenerSpec>,
+) -> (Harness, ScriptedWorker) {
     let dir = tempfile::tempdir().unwrap();
     let paths = demo::write_config(dir.path()).unwrap();
     let mut standins = demo::start_standins(dir.path()).unwrap();
@@ -198,7 +210,8 @@ async fn edge_with_scripted(name: &str, script: fn(&str) -> Script) -> (Harness,
         .join("sockets")
         .join(format!("synapse_inbound_{name}.sock"));
     let worker = ScriptedWorker::start(&socket, script);
-    let h = Harness::with(dir, paths, standins, "health:\n  interval: 1h\n").await;
+    let h =
+        Harness::with_listeners(dir, paths, standins, "health:\n  interval: 1h\n", listeners).await;
     (h, worker)
 }
 
@@ -426,5 +439,111 @@ async fn an_upload_answered_with_success_before_its_end_is_still_sent_whole() {
     assert_eq!(
         reqs[0].0, reqs[1].0,
         "the same connection carries the next upload"
+    );
+}
+
+/// An answer head as a worker behind a keep-alive server may write it:
+/// hop-by-hop headers, a repeated header, its own date and HSTS.
+const WITH_HOP_HEADERS: &[u8] = b"HTTP/1.1 200 OK\r\nServer: Synapse/1.140\r\n\
+Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n\
+Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nDate: Thu, 26 Nov 2026 10:00:00 GMT\r\n\
+Strict-Transport-Security: max-age=1\r\nContent-Type: application/json\r\n\
+Content-Length: 2\r\n\r\n{}";
+
+/// The header lines of an HTTP/1.1 answer to `GET /_matrix/client/versions`
+/// on `addr`, lowercased, without the status line.
+async fn answer_lines(addr: std::net::SocketAddr) -> Vec<String> {
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: edge\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut client).await;
+    assert_eq!(body, "{}");
+    head.lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+fn named(lines: &[String], name: &str) -> Vec<String> {
+    let prefix = format!("{name}: ");
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn clients_get_the_workers_end_to_end_headers_once_each_and_no_hop_by_hop_ones() {
+    let hsts = ListenerRole {
+        hsts: Some(http::HeaderValue::from_static("max-age=63072000")),
+        ..ListenerRole::default()
+    };
+    let listeners = vec![
+        ListenerSpec::plain(ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())),
+        ListenerSpec {
+            addr: ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+            role: Arc::new(hsts),
+            tls: None,
+        },
+    ];
+    let (h, _worker) =
+        edge_with_scripted_on("main", |_| Script::Answer(WITH_HOP_HEADERS), listeners).await;
+
+    // HTTP/1.1: the edge writes the worker's lines itself.
+    let lines = answer_lines(h.addr(0)).await;
+    assert_eq!(named(&lines, "set-cookie"), ["a=1", "b=2"], "{lines:?}");
+    assert_eq!(named(&lines, "server"), ["synapse/1.140"]);
+    assert_eq!(
+        named(&lines, "date"),
+        ["thu, 26 nov 2026 10:00:00 gmt"],
+        "the worker's date, and no second one"
+    );
+    assert_eq!(named(&lines, "content-length"), ["2"]);
+    assert_eq!(named(&lines, "content-type"), ["application/json"]);
+    assert_eq!(named(&lines, "strict-transport-security"), ["max-age=1"]);
+    for hop in ["connection", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            named(&lines, hop).is_empty(),
+            "{hop} reached the client: {lines:?}"
+        );
+    }
+    // A listener that sets HSTS replaces the worker's.
+    let lines = answer_lines(h.addr(1)).await;
+    assert_eq!(
+        named(&lines, "strict-transport-security"),
+        ["max-age=63072000"],
+        "{lines:?}"
+    );
+    assert_eq!(named(&lines, "set-cookie"), ["a=1", "b=2"]);
+
+    // HTTP/2 (hyper writes the answer from a header map): the same headers.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let resp = client
+        .request(
+            Request::get(format!("{}/_matrix/client/versions", h.base))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let hd = resp.headers();
+    let all =
+        |n: &str| -> Vec<&str> { hd.get_all(n).iter().map(|v| v.to_str().unwrap()).collect() };
+    assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
+    assert_eq!(all("server"), ["Synapse/1.140"]);
+    assert_eq!(all("date"), ["Thu, 26 Nov 2026 10:00:00 GMT"]);
+    assert_eq!(all("strict-transport-security"), ["max-age=1"]);
+    for hop in ["keep-alive", "proxy-authenticate"] {
+        assert!(all(hop).is_empty(), "{hop} reached the HTTP/2 client");
+    }
+    assert_eq!(
+        &resp.into_body().collect().await.unwrap().to_bytes()[..],
+        b"{}"
     );
 }

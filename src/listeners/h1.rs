@@ -861,6 +861,21 @@ async fn write_response<I: ClientIo>(
     head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
     let keep_length = delimited == Delimited::Bodyless && status != StatusCode::NO_CONTENT;
+    // The worker's lines as it wrote them (hop-by-hop and framing already
+    // left out), unless the edge sets a header of the same name itself.
+    let mut has_date = false;
+    if let Some(lines) = body.header_lines() {
+        has_date = lines.has_date();
+        for (name, line) in lines.iter() {
+            if !parts.headers.is_empty()
+                && HeaderName::from_bytes(name).is_ok_and(|n| parts.headers.contains_key(n))
+            {
+                continue;
+            }
+            head.extend_from_slice(line);
+            head.extend_from_slice(b"\r\n");
+        }
+    }
     for (name, value) in &parts.headers {
         let framing_header = name == CONTENT_LENGTH || name == TRANSFER_ENCODING;
         if (framing_header && !(keep_length && name == CONTENT_LENGTH))
@@ -874,7 +889,7 @@ async fn write_response<I: ClientIo>(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    if !parts.headers.contains_key(DATE) {
+    if !has_date && !parts.headers.contains_key(DATE) {
         head.extend_from_slice(b"date: ");
         push_date(&mut head);
         head.extend_from_slice(b"\r\n");

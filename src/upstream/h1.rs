@@ -13,7 +13,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
 use smallvec::SmallVec;
@@ -258,14 +258,94 @@ impl From<Malformed> for AnswerError {
     }
 }
 
+/// How the edge wants an answer's header lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerHeaders {
+    /// As a `HeaderMap`: for an HTTP/2 client (hyper writes the map) and
+    /// for health checks.
+    Map,
+    /// As the worker wrote them ([`PassedLines`]), for a client the edge
+    /// answers over HTTP/1 itself. Falls back to a map when the answer
+    /// needs one: HEAD, 1xx, 204 and 304 answers (whose framing headers
+    /// are kept), and a `Connection` header naming other headers.
+    Lines,
+}
+
 /// An answer's head, its body framing, and whether the connection may take
 /// another request afterwards.
 #[derive(Debug)]
 pub struct AnswerHead {
     pub status: StatusCode,
+    /// The end-to-end headers, unless they are in `lines`.
     pub headers: HeaderMap,
+    /// Boxed: a response body carries it, and inline it would size every
+    /// answer's future for its line table.
+    pub lines: Option<Box<PassedLines>>,
     pub framing: BodyFraming,
     pub keep_alive: bool,
+}
+
+/// An answer's end-to-end header lines as the worker wrote them: without
+/// its hop-by-hop headers and its framing (`Content-Length`,
+/// `Transfer-Encoding`), which the edge writes for its own connection.
+/// Written to an HTTP/1 client as they are, they spare a `HeaderMap` built
+/// per answer only to be written out again: each name parsed, each value
+/// checked and reference-counted, each entry hashed (about 3% of a short
+/// request's CPU). `httparse` has checked names and values by the same
+/// rules a `HeaderMap` would.
+#[derive(Debug, Clone)]
+pub struct PassedLines {
+    head: Bytes,
+    /// Per line: where its name starts and ends, where its value starts
+    /// and ends.
+    lines: SmallVec<[[u32; 4]; 16]>,
+    has_date: bool,
+}
+
+impl PassedLines {
+    /// Each line's name and the whole line (`name: value`, no CRLF).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines.iter().map(|&[from, name_end, _, to]| {
+            (
+                &self.head[from as usize..name_end as usize],
+                &self.head[from as usize..to as usize],
+            )
+        })
+    }
+
+    pub fn has_date(&self) -> bool {
+        self.has_date
+    }
+
+    /// The lines as a map (for tests comparing both forms).
+    #[cfg(test)]
+    pub fn to_map(&self) -> Result<HeaderMap, AnswerError> {
+        let mut map = HeaderMap::with_capacity(self.lines.len());
+        for &[from, name_end, value_from, to] in &self.lines {
+            let name = HeaderName::from_bytes(&self.head[from as usize..name_end as usize])
+                .map_err(|_| AnswerError::Invalid("bad header name"))?;
+            let value =
+                HeaderValue::from_maybe_shared(self.head.slice(value_from as usize..to as usize))
+                    .map_err(|_| AnswerError::Invalid("bad header value"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+/// Whether a header concerns the connection it came on, or its framing,
+/// rather than the answer: RFC 9110's hop-by-hop headers and `Proxy-*`.
+fn hop_by_hop_or_framing(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let named = match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        14 => is(b"content-length"),
+        17 => is(b"transfer-encoding"),
+        _ => false,
+    };
+    named || (name.len() > 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
 }
 
 /// Reads the answer's head into `buf`; what follows it stays in `buf`.
@@ -275,11 +355,12 @@ pub async fn read_head(
     conn: &mut Conn,
     buf: &mut BytesMut,
     request_method: &Method,
+    wanted: AnswerHeaders,
 ) -> Result<AnswerHead, AnswerError> {
     let mut any = false;
     loop {
         if !buf.is_empty() {
-            match parse_head(buf, request_method)? {
+            match parse_head(buf, request_method, wanted)? {
                 Some(head) if head.status.is_informational() => continue,
                 Some(head) => return Ok(head),
                 None if buf.len() >= MAX_HEAD => {
@@ -308,15 +389,16 @@ pub async fn read_head(
 fn parse_head(
     buf: &mut BytesMut,
     request_method: &Method,
+    wanted: AnswerHeaders,
 ) -> Result<Option<AnswerHead>, AnswerError> {
     // Uninitialised: zeroing 128 header slots per answer showed in profiles.
-    let mut lines =
+    let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
     let parsing = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut parsed,
         buf,
-        &mut lines,
+        &mut slots,
     );
     let len = match parsing {
         Ok(httparse::Status::Complete(len)) => len,
@@ -329,16 +411,18 @@ fn parse_head(
     let code = parsed.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| AnswerError::Invalid("bad status code"))?;
     let http10 = parsed.version == Some(0);
-    // Header values point into the head: keep them as slices of it.
+    // Names and values point into the head: keep them as offsets into it
+    // (a head is at most MAX_HEAD long).
     let start = buf.as_ptr() as usize;
-    let mut spans: SmallVec<[(HeaderName, usize, usize); 24]> = SmallVec::new();
+    let mut spans: SmallVec<[[u32; 4]; 24]> = SmallVec::new();
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| AnswerError::Invalid("bad header name"))?;
-        let at = h.value.as_ptr() as usize - start;
-        spans.push((name, at, at + h.value.len()));
+        let name = h.name.as_ptr() as usize - start;
+        let value = h.value.as_ptr() as usize - start;
+        spans.push([name, name + h.name.len(), value, value + h.value.len()].map(|n| n as u32));
     }
     let head = buf.split_to(len).freeze();
+    let name_of = |s: &[u32; 4]| &head[s[0] as usize..s[1] as usize];
+    let value_of = |s: &[u32; 4]| &head[s[2] as usize..s[3] as usize];
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(AnswerError::Invalid("unexpected protocol switch"));
@@ -346,20 +430,21 @@ fn parse_head(
         return Ok(Some(AnswerHead {
             status,
             headers: HeaderMap::new(),
+            lines: None,
             framing: BodyFraming::Length(0),
             keep_alive: true,
         }));
     }
-    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut encoded = false;
     let mut keep_alive = !http10;
-    for (name, from, to) in spans {
-        let value = HeaderValue::from_maybe_shared(head.slice(from..to))
-            .map_err(|_| AnswerError::Invalid("bad header value"))?;
-        if name == CONTENT_LENGTH {
-            let n = std::str::from_utf8(value.as_bytes())
+    // Whether `Connection` names headers that must not be passed on.
+    let mut names_headers = false;
+    for s in &spans {
+        let (name, value) = (name_of(s), value_of(s));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(value)
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .ok_or(AnswerError::Invalid("bad content-length"))?;
@@ -367,25 +452,25 @@ fn parse_head(
                 return Err(AnswerError::Invalid("conflicting content-length"));
             }
             length = Some(n);
-        } else if name == TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
             // Chunked must be the last coding applied.
             chunked = value
-                .as_bytes()
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == http::header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                    keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive |= http10;
+                } else if !token.is_empty() {
+                    names_headers = true;
                 }
             }
         }
-        headers.append(name, value);
     }
     let bodiless = *request_method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -393,9 +478,6 @@ fn parse_head(
     let framing = if bodiless {
         BodyFraming::Length(0)
     } else if encoded {
-        // RFC 9112 6.3: Transfer-Encoding wins over Content-Length, which
-        // must then not be passed on.
-        headers.remove(CONTENT_LENGTH);
         if chunked {
             BodyFraming::Chunked(ChunkState::Size)
         } else {
@@ -409,9 +491,42 @@ fn parse_head(
     if framing == BodyFraming::UntilClose {
         keep_alive = false;
     }
+    let (headers, lines) = if wanted == AnswerHeaders::Lines && !bodiless && !names_headers {
+        let mut passed = PassedLines {
+            lines: SmallVec::with_capacity(spans.len()),
+            has_date: false,
+            head: Bytes::new(),
+        };
+        for s in &spans {
+            let name = name_of(s);
+            if hop_by_hop_or_framing(name) {
+                continue;
+            }
+            passed.has_date |= name.eq_ignore_ascii_case(b"date");
+            passed.lines.push(*s);
+        }
+        passed.head = head;
+        (HeaderMap::new(), Some(Box::new(passed)))
+    } else {
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for s in &spans {
+            let name = HeaderName::from_bytes(name_of(s))
+                .map_err(|_| AnswerError::Invalid("bad header name"))?;
+            // RFC 9112 6.3: Transfer-Encoding wins over Content-Length,
+            // which must then not be passed on.
+            if encoded && name == CONTENT_LENGTH {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
+                .map_err(|_| AnswerError::Invalid("bad header value"))?;
+            headers.append(name, value);
+        }
+        (headers, None)
+    };
     Ok(Some(AnswerHead {
         status,
         headers,
+        lines,
         framing,
         keep_alive,
     }))
@@ -436,7 +551,9 @@ mod tests {
 
     fn head(wire: &[u8], method: Method) -> AnswerHead {
         let mut buf = BytesMut::from(wire);
-        parse_head(&mut buf, &method).unwrap().unwrap()
+        parse_head(&mut buf, &method, AnswerHeaders::Map)
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
@@ -474,11 +591,82 @@ mod tests {
     }
 
     #[test]
+    fn an_http1_clients_answer_keeps_the_workers_lines_without_hop_by_hop_or_framing() {
+        const WIRE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: S\r\nConnection: keep-alive\r\n\
+Keep-Alive: timeout=5\r\nProxy-Foo: x\r\nSet-Cookie: a=1\r\nTE: trailers\r\n\
+Set-Cookie: b=2\r\nDate: d\r\nContent-Length: 2\r\n\r\n{}";
+        let mut buf = BytesMut::from(WIRE);
+        let h = parse_head(&mut buf, &Method::GET, AnswerHeaders::Lines)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (BodyFraming::Length(2), true));
+        assert!(h.headers.is_empty());
+        let lines = h.lines.expect("lines for an HTTP/1 client");
+        let written: Vec<&[u8]> = lines.iter().map(|(_, line)| line).collect();
+        assert_eq!(
+            written,
+            [
+                &b"Server: S"[..],
+                b"Set-Cookie: a=1",
+                b"Set-Cookie: b=2",
+                b"Date: d"
+            ]
+        );
+        assert!(lines.has_date());
+        assert_eq!(&buf[..], b"{}");
+        // The same end-to-end headers a map carries once stripped.
+        let mut buf = BytesMut::from(WIRE);
+        let mut mapped = parse_head(&mut buf, &Method::GET, AnswerHeaders::Map)
+            .unwrap()
+            .unwrap()
+            .headers;
+        crate::proxy::strip_hop_by_hop(&mut mapped);
+        mapped.remove(CONTENT_LENGTH);
+        assert_eq!(lines.to_map().unwrap(), mapped);
+    }
+
+    #[test]
+    fn answers_that_need_a_map_get_one_even_for_an_http1_client() {
+        let lines = |wire: &[u8], method: Method| {
+            let mut buf = BytesMut::from(wire);
+            parse_head(&mut buf, &method, AnswerHeaders::Lines)
+                .unwrap()
+                .unwrap()
+                .lines
+                .is_some()
+        };
+        // Bodiless answers keep their Content-Length, which lines leave out.
+        assert!(!lines(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            Method::HEAD
+        ));
+        assert!(!lines(
+            b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
+            Method::GET
+        ));
+        // Connection naming a header: the proxy strips it from the map.
+        assert!(!lines(
+            b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n",
+            Method::GET
+        ));
+        assert!(lines(
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, close\r\nContent-Length: 0\r\n\r\n",
+            Method::GET
+        ));
+    }
+
+    #[test]
     fn a_head_is_incomplete_until_its_blank_line() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"[..]);
-        assert!(parse_head(&mut buf, &Method::GET).unwrap().is_none());
+        assert!(
+            parse_head(&mut buf, &Method::GET, AnswerHeaders::Map)
+                .unwrap()
+                .is_none()
+        );
         buf.extend_from_slice(b"\r\nhi");
-        let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        let h = parse_head(&mut buf, &Method::GET, AnswerHeaders::Map)
+            .unwrap()
+            .unwrap();
         assert_eq!(h.headers["content-length"], "2");
         assert_eq!(&buf[..], b"hi");
     }
@@ -488,7 +676,7 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
         );
-        assert!(parse_head(&mut buf, &Method::GET).is_err());
+        assert!(parse_head(&mut buf, &Method::GET, AnswerHeaders::Lines).is_err());
     }
 
     #[test]

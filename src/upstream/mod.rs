@@ -205,6 +205,9 @@ pub struct Head<'a> {
     /// The request target exactly as the client sent it.
     pub target: &'a str,
     pub headers: &'a HeaderMap,
+    /// How the answer's headers are wanted: as lines when the edge writes
+    /// them to an HTTP/1 client itself.
+    pub answer_headers: h1::AnswerHeaders,
 }
 
 /// What a failed exchange gives back: the error, and the body when the
@@ -223,7 +226,7 @@ async fn exchange(
     // the answer needs neither; a parked long-poll then holds only what
     // waiting takes.
     let sent = Box::pin(send_request(&mut conn, head, body, &mut buf)).await?;
-    let answer = h1::read_head(&mut conn, &mut buf, head.method);
+    let answer = h1::read_head(&mut conn, &mut buf, head.method, head.answer_headers);
     let got = match sent.broken {
         None => answer.await,
         // Refused mid-body: the answer is there already, or not at all.
@@ -240,7 +243,10 @@ async fn exchange(
     // A connection whose request body was cut short cannot be reused.
     let reusable = answer.keep_alive && !broken && !sent.answered_early;
     let back = pool.cloned().filter(|_| reusable);
-    let mut resp = Response::new(PooledBody { reading: None });
+    let mut resp = Response::new(PooledBody {
+        reading: None,
+        lines: answer.lines,
+    });
     *resp.status_mut() = answer.status;
     *resp.headers_mut() = answer.headers;
     if answer.framing.is_done() {
@@ -425,6 +431,9 @@ fn last_chunk(body_done: bool, framing: RequestFraming) -> &'static [u8] {
 /// if the body is abandoned.
 pub struct PooledBody {
     reading: Option<Reading>,
+    /// The answer's header lines, when they were wanted as lines: the
+    /// response's `HeaderMap` then holds only what the edge adds.
+    lines: Option<Box<h1::PassedLines>>,
 }
 
 struct Reading {
@@ -446,6 +455,12 @@ impl std::fmt::Debug for PooledBody {
 pub type BodyError = AnswerError;
 
 impl PooledBody {
+    /// The worker's header lines, to be written before the response's own
+    /// headers (see [`h1::AnswerHeaders::Lines`]).
+    pub fn header_lines(&self) -> Option<&h1::PassedLines> {
+        self.lines.as_deref()
+    }
+
     fn finish(&mut self) {
         if let Some(r) = self.reading.take()
             && r.buf.is_empty()
