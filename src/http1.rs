@@ -177,6 +177,22 @@ impl ChunkState {
     }
 }
 
+/// Whether a header concerns the connection it came on rather than the
+/// message (RFC 9110 7.6.1's hop-by-hop headers, and `Proxy-*`), by a name
+/// in any case. Headers that `Connection` names are hop-by-hop too; the
+/// caller looks at those.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let named = match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        17 => is(b"transfer-encoding"),
+        _ => false,
+    };
+    named || (name.len() >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
+}
+
 /// Body data framed for the wire: as is, or (`chunked`) as one chunk: the
 /// size line to write before it and the CRLF after.
 pub fn chunk_frame(data: &[u8], chunked: bool) -> (SmallVec<[u8; 20]>, &'static [u8]) {
@@ -256,6 +272,32 @@ pub fn poll_write_slices<W: AsyncWrite + Unpin + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_are_known_in_any_case_and_only_exactly() {
+        for name in [
+            "Connection",
+            "keep-alive",
+            "TE",
+            "Trailer",
+            "transfer-encoding",
+            "Upgrade",
+            "Proxy-Authenticate",
+            "proxy-authorization",
+        ] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "tee",
+            "connections",
+            "x-proxy-id",
+            "proxy",
+            "content-length",
+            "date",
+        ] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+    }
 
     fn decode_all(
         framing: &mut BodyFraming,

@@ -777,12 +777,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // name no header. Removal is by `HeaderName`, hashed without parsing.
     let mut doomed: SmallVec<[HeaderName; 4]> = SmallVec::new();
     for name in headers.keys() {
-        let n = name.as_str();
-        if matches!(
-            n,
-            "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
-        ) || n.starts_with("proxy-")
-        {
+        if crate::http1::is_hop_by_hop(name.as_str().as_bytes()) {
             doomed.push(name.clone());
         }
     }
