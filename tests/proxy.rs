@@ -673,17 +673,7 @@ async fn open_client_connections_are_counted_by_protocol_until_they_close() {
     drop(s);
     until_open(&h, "h1", 0).await;
     // HTTP/2 with prior knowledge, until its client goes.
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    let resp = client
-        .request(
-            Request::get(format!("{}/_matrix/client/versions", h.base))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let (client, resp) = h.get_h2("/_matrix/client/versions").await;
     assert_eq!(resp.status(), StatusCode::OK);
     until_open(&h, "h2", 1).await;
     drop(resp);

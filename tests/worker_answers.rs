@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::harness::{Harness, read_answer};
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http::StatusCode;
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use synapse_edge::demo;
 use synapse_edge::front::ListenerRole;
@@ -520,18 +520,7 @@ async fn clients_get_the_workers_end_to_end_headers_once_each_and_no_hop_by_hop_
     assert_eq!(named(&lines, "set-cookie"), ["a=1", "b=2"]);
 
     // HTTP/2 (hyper writes the answer from a header map): the same headers.
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
-    let resp = client
-        .request(
-            Request::get(format!("{}/_matrix/client/versions", h.base))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (_client, resp) = h.get_h2("/_matrix/client/versions").await;
     let hd = resp.headers();
     let all =
         |n: &str| -> Vec<&str> { hd.get_all(n).iter().map(|v| v.to_str().unwrap()).collect() };

@@ -164,6 +164,30 @@ impl Harness {
     pub async fn get(&self, target: &str) -> Answer {
         self.send("GET", target, &[], b"").await
     }
+
+    /// `GET target` over cleartext HTTP/2 (prior knowledge), with the
+    /// client, whose connection lives as long as it does.
+    pub async fn get_h2(
+        &self,
+        target: &str,
+    ) -> (
+        Client<HttpConnector, Full<Bytes>>,
+        http::Response<hyper::body::Incoming>,
+    ) {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let resp = client
+            .request(
+                Request::get(format!("{}{target}", self.base))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        (client, resp)
+    }
 }
 
 /// Waits (up to 2 s) until a worker has started `n` requests.
