@@ -193,6 +193,32 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     named || (name.len() >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
 }
 
+/// One comma-separated option of a `Connection` header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionOption<'a> {
+    Close,
+    KeepAlive,
+    /// Any other: the name of a header that concerns this connection only.
+    Names(&'a [u8]),
+}
+
+/// The options of one `Connection` header value, in any case and spacing.
+pub fn connection_options(value: &[u8]) -> impl Iterator<Item = ConnectionOption<'_>> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|option| !option.is_empty())
+        .map(|option| {
+            if option.eq_ignore_ascii_case(b"close") {
+                ConnectionOption::Close
+            } else if option.eq_ignore_ascii_case(b"keep-alive") {
+                ConnectionOption::KeepAlive
+            } else {
+                ConnectionOption::Names(option)
+            }
+        })
+}
+
 /// Body data framed for the wire: as is, or (`chunked`) as one chunk: the
 /// size line to write before it and the CRLF after.
 pub fn chunk_frame(data: &[u8], chunked: bool) -> (SmallVec<[u8; 20]>, &'static [u8]) {
@@ -272,6 +298,14 @@ pub fn poll_write_slices<W: AsyncWrite + Unpin + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_options_are_read_in_any_case_and_spacing() {
+        use ConnectionOption::*;
+        let options: Vec<_> = connection_options(b" Keep-Alive ,, X-Hint,CLOSE ,").collect();
+        assert_eq!(options, [KeepAlive, Names(b"X-Hint"), Close]);
+        assert_eq!(connection_options(b"").count(), 0);
+    }
 
     #[test]
     fn hop_by_hop_names_are_known_in_any_case_and_only_exactly() {

@@ -24,6 +24,7 @@ use crate::config::Timeouts;
 use crate::conn_timer::ConnTimer;
 use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
+use crate::http1::ConnectionOption;
 use crate::metrics::{Metrics, method_label, status_class};
 use crate::routes::Route;
 use crate::state::{EdgeState, RequestView};
@@ -785,17 +786,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     for value in headers.get_all(CONNECTION) {
-        for option in value.as_bytes().split(|&b| b == b',') {
-            let option = option.trim_ascii();
-            // Connection options, not header names (and `keep-alive` is
-            // already doomed).
-            if option.is_empty()
-                || option.eq_ignore_ascii_case(b"close")
-                || option.eq_ignore_ascii_case(b"keep-alive")
+        for option in crate::http1::connection_options(value.as_bytes()) {
+            if let ConnectionOption::Names(name) = option
+                && let Ok(name) = HeaderName::from_bytes(name)
             {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(option) {
                 doomed.push(name);
             }
         }

@@ -43,7 +43,8 @@ use super::{OpenConnection, ServerSettings, count_client_timeout};
 use crate::body::{ClientBody, ResponseBody};
 use crate::conn_timer::ConnTimer;
 use crate::http1::{
-    BodyFraming, ChunkState, Cursor, Decoded, chunk_frame, poll_read_more, poll_write_slices,
+    BodyFraming, ChunkState, ConnectionOption, Cursor, Decoded, chunk_frame, connection_options,
+    poll_read_more, poll_write_slices,
 };
 use crate::proxy::{ClientConn, Proxy, matrix_error};
 
@@ -721,7 +722,7 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
         ));
     }
     let body = body_framing(&headers, version)?;
-    let (close, keep) = connection_options(&headers);
+    let (close, keep) = close_and_keep_alive(&headers);
     let keep_alive = match version {
         Version::HTTP_10 => keep && !close,
         _ => !close,
@@ -804,13 +805,12 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 }
 
 /// Whether `Connection` says `close`, and whether it says `keep-alive`.
-fn connection_options(headers: &HeaderMap) -> (bool, bool) {
+fn close_and_keep_alive(headers: &HeaderMap) -> (bool, bool) {
     let (mut close, mut keep) = (false, false);
     for value in headers.get_all(CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep |= token.eq_ignore_ascii_case(b"keep-alive");
+        for option in connection_options(value.as_bytes()) {
+            close |= option == ConnectionOption::Close;
+            keep |= option == ConnectionOption::KeepAlive;
         }
     }
     (close, keep)

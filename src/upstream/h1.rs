@@ -19,7 +19,10 @@ use http::{HeaderMap, Method, StatusCode};
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::http1::{BodyFraming, ChunkState, Cursor, Malformed, is_hop_by_hop, poll_write_slices};
+use crate::http1::{
+    BodyFraming, ChunkState, ConnectionOption, Cursor, Malformed, connection_options,
+    is_hop_by_hop, poll_write_slices,
+};
 
 /// The most header lines an answer may have.
 const MAX_HEADERS: usize = 128;
@@ -445,14 +448,11 @@ fn parse_head(
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive |= http10;
-                } else if !token.is_empty() {
-                    names_headers = true;
+            for option in connection_options(value) {
+                match option {
+                    ConnectionOption::Close => keep_alive = false,
+                    ConnectionOption::KeepAlive => keep_alive |= http10,
+                    ConnectionOption::Names(_) => names_headers = true,
                 }
             }
         }
@@ -477,21 +477,23 @@ fn parse_head(
         keep_alive = false;
     }
     let (headers, lines) = if wanted == AnswerHeaders::Lines && !bodiless && !names_headers {
-        let mut passed = PassedLines {
-            lines: SmallVec::with_capacity(spans.len()),
-            has_date: false,
-            head: Bytes::new(),
+        // The edge writes its own framing for its own connection.
+        let lines: SmallVec<[[u32; 4]; 16]> = spans
+            .iter()
+            .filter(|&s| {
+                let name = name_of(s);
+                !is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"content-length")
+            })
+            .copied()
+            .collect();
+        let has_date = lines
+            .iter()
+            .any(|s| name_of(s).eq_ignore_ascii_case(b"date"));
+        let passed = PassedLines {
+            head,
+            lines,
+            has_date,
         };
-        for s in &spans {
-            let name = name_of(s);
-            // The edge writes its own framing for its own connection.
-            if is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"content-length") {
-                continue;
-            }
-            passed.has_date |= name.eq_ignore_ascii_case(b"date");
-            passed.lines.push(*s);
-        }
-        passed.head = head;
         (HeaderMap::new(), Some(Box::new(passed)))
     } else {
         let mut headers = HeaderMap::with_capacity(spans.len());
