@@ -451,7 +451,7 @@ Strict-Transport-Security: max-age=1\r\nContent-Type: application/json\r\n\
 Content-Length: 2\r\n\r\n{}";
 
 /// The header lines of an HTTP/1.1 answer to `GET /_matrix/client/versions`
-/// on `addr`, lowercased, without the status line.
+/// on `addr`, as written, without the status line.
 async fn answer_lines(addr: std::net::SocketAddr) -> Vec<String> {
     let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
     client
@@ -463,15 +463,20 @@ async fn answer_lines(addr: std::net::SocketAddr) -> Vec<String> {
     head.lines()
         .skip(1)
         .filter(|l| !l.is_empty())
-        .map(str::to_ascii_lowercase)
+        .map(str::to_string)
         .collect()
 }
 
+/// The values of the lines naming `name`, lowercased.
 fn named(lines: &[String], name: &str) -> Vec<String> {
     let prefix = format!("{name}: ");
     lines
         .iter()
-        .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+        .filter_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix(&prefix)
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -494,6 +499,10 @@ async fn clients_get_the_workers_end_to_end_headers_once_each_and_no_hop_by_hop_
 
     // HTTP/1.1: the edge writes the worker's lines itself.
     let lines = answer_lines(h.addr(0)).await;
+    assert!(
+        lines.iter().any(|l| l == "Server: Synapse/1.140"),
+        "the worker's line as it wrote it: {lines:?}"
+    );
     assert_eq!(named(&lines, "set-cookie"), ["a=1", "b=2"], "{lines:?}");
     assert_eq!(named(&lines, "server"), ["synapse/1.140"]);
     assert_eq!(
