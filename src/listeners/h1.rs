@@ -867,8 +867,12 @@ async fn write_response<I: ClientIo>(
     if let Some(lines) = body.header_lines() {
         has_date = lines.has_date();
         for (name, line) in lines.iter() {
-            if !parts.headers.is_empty()
-                && HeaderName::from_bytes(name).is_ok_and(|n| parts.headers.contains_key(n))
+            // The edge's own are few (HSTS): comparing names beats parsing
+            // each of the worker's into a `HeaderName` to look it up.
+            if parts
+                .headers
+                .keys()
+                .any(|own| own.as_str().as_bytes().eq_ignore_ascii_case(name))
             {
                 continue;
             }
