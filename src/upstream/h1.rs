@@ -296,7 +296,7 @@ pub struct AnswerHead {
 /// checked and reference-counted, each entry hashed (about 5% of a short
 /// request's CPU over HTTP in an A/B). `httparse` has checked names and values by the same
 /// rules a `HeaderMap` would.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PassedLines {
     head: Bytes,
     /// Per line: where its name starts and ends, where its value starts
