@@ -3,6 +3,7 @@
 //! headers dropped, X-Forwarded-* set), stream both bodies, and answer
 //! failures in Matrix's JSON error form.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use http::header::{
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use prometheus::{IntCounter, IntGauge};
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
@@ -30,7 +32,7 @@ use crate::routes::Route;
 use crate::state::{EdgeState, RequestView};
 use crate::topology::WorkerId;
 use crate::topology::WorkerPool;
-use crate::upstream::h1::AnswerHeaders;
+use crate::upstream::h1::{AnswerHeaders, Forwarded};
 use crate::upstream::{Clients, Head, UpstreamError, Upstreams};
 
 /// The default body limit, Synapse's default `max_upload_size`.
@@ -82,9 +84,10 @@ thread_local! {
     /// Each serving thread's request series for the current snapshot: a
     /// label lookup (hashing five strings under a read lock that every
     /// serving thread shares, so its cache line moves between cores) once
-    /// per combination instead of twice per request.
-    static REQUEST_SERIES: std::cell::RefCell<(u64, std::collections::HashMap<RequestSeriesKey, RequestSeries>)> =
-        std::cell::RefCell::new((0, std::collections::HashMap::new()));
+    /// per combination instead of twice per request. Keyed by small
+    /// integers the edge made itself, so hashed with Fx, not SipHash.
+    static REQUEST_SERIES: std::cell::RefCell<(u64, FxHashMap<RequestSeriesKey, RequestSeries>)> =
+        std::cell::RefCell::new((0, FxHashMap::default()));
 }
 
 /// One snapshot's metric series, by `PoolId` and `WorkerId`.
@@ -123,21 +126,21 @@ impl Series {
 }
 
 impl Snapshot {
-    /// The request count and duration series for a request's labels, from
-    /// the serving thread's cache.
-    fn request_series(
+    /// Counts a request and records its duration, in the series for its
+    /// labels from the serving thread's cache.
+    fn record_request(
         &self,
-        route: Option<&Route>,
-        worker: Option<WorkerId>,
+        served: &Served,
+        labels: (&str, &str, &str),
         method: &Method,
         status: u16,
         m: &Metrics,
-        labels: (&str, &str, &str),
-    ) -> (IntCounter, prometheus::Histogram) {
+        seconds: f64,
+    ) {
         let method_label = method_label(method);
         let key: RequestSeriesKey = (
-            route.map_or(0, |r| r as *const Route as usize),
-            worker.map_or(u32::MAX, |w| w.0),
+            served.route.map_or(0, |r| r as *const Route as usize),
+            served.worker.map_or(u32::MAX, |w| w.0),
             method_index(method),
             (status / 100) as u8,
         );
@@ -151,16 +154,21 @@ impl Snapshot {
             ]),
             duration: m.request_duration.with_label_values(&[labels.0]),
         };
-        let found = REQUEST_SERIES
-            .try_with(|cache| {
-                let mut cache = cache.borrow_mut();
-                if cache.0 != self.generation {
-                    *cache = (self.generation, std::collections::HashMap::new());
-                }
-                cache.1.entry(key).or_insert_with(make).clone()
-            })
-            .unwrap_or_else(|_| make());
-        (found.count, found.duration)
+        let record = |series: &RequestSeries| {
+            series.count.inc();
+            series.duration.observe(seconds);
+        };
+        let cached = REQUEST_SERIES.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.0 != self.generation {
+                *cache = (self.generation, FxHashMap::default());
+            }
+            record(cache.1.entry(key).or_insert_with(make));
+        });
+        if cached.is_err() {
+            // The thread is ending: no cache, the series looked up.
+            record(&make());
+        }
     }
 
     fn build(
@@ -316,10 +324,8 @@ impl Proxy {
             .map_or("none", |w| snap.state.topology.worker(w).name.as_str());
         let status = resp.status().as_u16();
         let labels = (route, pool, worker);
-        let (count, duration) =
-            snap.request_series(served.route, served.worker, &method, status, m, labels);
-        count.inc();
-        duration.observe(start.elapsed().as_secs_f64());
+        let seconds = start.elapsed().as_secs_f64();
+        snap.record_request(&served, labels, &method, status, m, seconds);
         if let Some(c) = served
             .worker
             .and_then(|w| snap.series.picks.get(w.0 as usize))
@@ -538,14 +544,18 @@ impl Snapshot {
             parts.headers.insert(HOST, v);
         }
         strip_hop_by_hop(&mut parts.headers);
-        set_forwarded(&mut parts.headers, client, conn);
         let method = parts.method;
         let headers = parts.headers;
+        let forwarded_for = forwarded_for(client, conn);
         // Borrowed by every attempt: a retry needs no copy of it.
         let head = Head {
             method: &method,
             target: pq.as_str(),
             headers: &headers,
+            forwarded: Some(Forwarded {
+                client: &forwarded_for,
+                proto: conn.scheme,
+            }),
             // HTTP/1 clients are answered by the edge's own server, which
             // writes the worker's lines as they came; hyper's HTTP/2 server
             // needs a map.
@@ -799,20 +809,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-
-/// Synapse takes the client address from the *first* X-Forwarded-For entry,
-/// so the header is replaced by the one address the edge believes (the
-/// peer, or what trusted proxies said), never appended to: otherwise any
-/// client could choose the address Synapse logs, rate-limits and bans.
-fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, conn: &ClientConn) {
+/// The `X-Forwarded-For` a worker gets. Synapse takes the client address
+/// from the *first* entry, so the client's header is replaced by the one
+/// address the edge believes (the peer, or what trusted proxies said),
+/// never appended to: otherwise any client could choose the address
+/// Synapse logs, rate-limits and bans.
+fn forwarded_for(client: IpAddr, conn: &ClientConn) -> Cow<'_, HeaderValue> {
     if client == conn.peer {
-        headers.insert(X_FORWARDED_FOR, conn.peer_header.clone());
-    } else if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-        headers.insert(X_FORWARDED_FOR, v);
+        Cow::Borrowed(&conn.peer_header)
+    } else {
+        // An address's text is always a valid header value; were it not,
+        // the peer is what the edge knows for sure.
+        Cow::Owned(
+            HeaderValue::from_str(&client.to_string()).unwrap_or_else(|_| conn.peer_header.clone()),
+        )
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
 }
 
 /// How long a connection may wait for a worker's answer on this route.
@@ -840,6 +851,7 @@ impl Snapshot {
                     method: &Method::GET,
                     target: "/health",
                     headers: &headers,
+                    forwarded: None,
                     answer_headers: AnswerHeaders::Map,
                 };
                 let started = Instant::now();

@@ -146,6 +146,7 @@ async fn the_worker_receives_the_target_byte_for_byte_and_forwarding_headers() {
             &[
                 ("host", "matrix.example.org"),
                 ("x-forwarded-for", "6.6.6.6"),
+                ("X-Forwarded-Proto", "https"),
                 ("connection", "x-private, keep-alive"),
                 ("x-private", "secret"),
                 ("keep-alive", "timeout=5"),
@@ -164,7 +165,10 @@ async fn the_worker_receives_the_target_byte_for_byte_and_forwarding_headers() {
         hd["x-forwarded-for"], "127.0.0.1",
         "a client-sent X-Forwarded-For must not reach Synapse"
     );
-    assert_eq!(hd["x-forwarded-proto"], "http");
+    assert_eq!(
+        hd["x-forwarded-proto"], "http",
+        "the scheme is the edge's listener's, not what the client claims"
+    );
     assert_eq!(hd["x-end-to-end"], "kept");
     for hop in [
         "connection",

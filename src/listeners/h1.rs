@@ -703,9 +703,9 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Room for what the proxy adds (X-Forwarded-For, X-Forwarded-Proto,
-    // Host for HTTP/2 parity): the map is not grown per request.
-    let mut headers = HeaderMap::with_capacity(req.headers.len() + 3);
+    // The proxy adds nothing to an HTTP/1 request's map (X-Forwarded-For
+    // and -Proto are written with the worker's head), so this is its size.
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Refusal::bad("invalid header name"))?;

@@ -152,11 +152,28 @@ fn syt_localpart(token: &str) -> Option<&str> {
 }
 
 /// The raw value of the first `name` parameter in a query string.
+/// One pass over the bytes: a `&str` split per pair cost several times
+/// more, and /sync's routes ask twice per request.
 pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v)
-    })
+    let query = query?;
+    let (bytes, name) = (query.as_bytes(), name.as_bytes());
+    let mut start = 0;
+    while start <= bytes.len() {
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| b == b'&')
+            .map_or(bytes.len(), |i| start + i);
+        let pair = &bytes[start..end];
+        if pair.starts_with(name) {
+            match pair.get(name.len()) {
+                None => return Some(""),
+                Some(b'=') => return Some(&query[start + name.len() + 1..end]),
+                Some(_) => {}
+            }
+        }
+        start = end + 1;
+    }
+    None
 }
 
 /// `X-Matrix origin="a.org",destination="b.org",key="ed25519:x",sig="..."`.
@@ -265,5 +282,14 @@ mod tests {
         assert_eq!(query_param(Some("xsince=1&since=2"), "since"), Some("2"));
         assert_eq!(query_param(Some("since"), "since"), Some(""));
         assert_eq!(query_param(None, "since"), None);
+        assert_eq!(
+            query_param(Some("sincex=1&since=a=b&since=3"), "since"),
+            Some("a=b")
+        );
+        assert_eq!(query_param(Some("a=1&&since=&b=2"), "since"), Some(""));
+        assert_eq!(query_param(Some("a=1&since"), "since"), Some(""));
+        assert_eq!(query_param(Some("a=1&"), "since"), None);
+        assert_eq!(query_param(Some(""), "since"), None);
+        assert_eq!(query_param(Some("=1&sinc=2"), "since"), None);
     }
 }

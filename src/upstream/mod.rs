@@ -205,6 +205,9 @@ pub struct Head<'a> {
     /// The request target exactly as the client sent it.
     pub target: &'a str,
     pub headers: &'a HeaderMap,
+    /// The `X-Forwarded-For` and `-Proto` the worker gets, in place of any
+    /// in `headers`.
+    pub forwarded: Option<h1::Forwarded<'a>>,
     /// How the answer's headers are wanted: as lines when the edge writes
     /// them to an HTTP/1 client itself.
     pub answer_headers: h1::AnswerHeaders,
@@ -287,7 +290,13 @@ async fn send_request(
         (UpstreamError::Failed(format!("{what}: {e}")), None)
     };
     let framing = RequestFraming::of(head.headers, body.is_end_stream());
-    let encoded = h1::encode_head(head.method, head.target, head.headers, framing);
+    let encoded = h1::encode_head(
+        head.method,
+        head.target,
+        head.headers,
+        head.forwarded,
+        framing,
+    );
     let mut written = 0;
     // A body already here (a small JSON event, typically) goes out with the
     // head in one write.
