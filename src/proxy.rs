@@ -482,7 +482,10 @@ impl Snapshot {
             tracing::info!(%client, path = pq.path(), "admin API refused");
             return r;
         }
-        if declared_length(&parts.headers).is_some_and(|n| n > self.max_body) {
+        // An HTTP/1 request with no body has no length worth looking up.
+        if !matches!(body, ClientBody::Empty)
+            && declared_length(&parts.headers).is_some_and(|n| n > self.max_body)
+        {
             tracing::info!(
                 path = pq.path(),
                 limit = self.max_body,
@@ -537,8 +540,8 @@ impl Snapshot {
         let timeout = route_timeout(&state.edge.timeouts, route.long_poll);
 
         // HTTP/2 carries the host in the URI; workers speak HTTP/1.1.
-        if !parts.headers.contains_key(HOST)
-            && let Some(authority) = parts.uri.authority()
+        if let Some(authority) = parts.uri.authority()
+            && !parts.headers.contains_key(HOST)
             && let Ok(v) = HeaderValue::from_str(authority.as_str())
         {
             parts.headers.insert(HOST, v);

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by callgrind: the serving
+# thread's user-space work (parsing, routing, headers, the runtime), without
+# the kernel. Unlike the load benchmark's CPU figures it does not move with
+# foreign load or the other core, so it shows a change of a few percent in
+# the request path that timing cannot. Each binary runs under valgrind in
+# front of the demo's stand-in workers, access log off as in the load
+# benchmark, while wrk drives the benchmark's mix (mix.lua) through it.
+#   benches/load/instructions.sh [BINARY...]   # default: target/release/synapse-edge
+# Prints one line per binary: requests, instructions per request.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PORT=${INSTR_PORT:-18810}   # uses PORT .. PORT+2 on 127.0.0.1
+SECONDS_PER_RUN=${INSTR_SECONDS:-15}
+[ $# -gt 0 ] || set -- "$ROOT/target/release/synapse-edge"
+for tool in valgrind callgrind_annotate wrk; do
+  command -v "$tool" >/dev/null || { echo "instructions: $tool is needed (apt-get install valgrind wrk)" >&2; exit 1; }
+done
+WORK=$(mktemp -d /tmp/synapse-edge-instr.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+"$1" demo --listen "127.0.0.1:$((PORT + 2))" --metrics "127.0.0.1:$((PORT + 1))" >"$WORK/demo.log" 2>&1 &
+pids+=($!)
+DIR=""
+for _ in $(seq 100); do
+  DIR=$(sed -n 's/^Synapse config: \(.*\)\/homeserver.yaml and .*/\1/p' "$WORK/demo.log")
+  [ -n "$DIR" ] && break
+  sleep 0.1
+done
+[ -n "$DIR" ] || { echo "instructions: the demo did not start:" >&2; cat "$WORK/demo.log" >&2; exit 1; }
+printf 'access_log: false\n' >"$WORK/edge.yaml"
+for bin in "$@"; do
+  out="$WORK/callgrind.$(basename "$bin").$$"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run --threads 1 --config "$WORK/edge.yaml" \
+    --synapse-config "$DIR/homeserver.yaml" --synapse-config "$DIR/workers" \
+    --listen "127.0.0.1:$PORT" >"$WORK/edge.log" 2>&1 &
+  edge=$!
+  pids+=($edge)
+  for _ in $(seq 100); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$PORT/_matrix/client/versions" 2>/dev/null && break
+    sleep 0.3
+  done
+  summary=$(wrk -t1 -c16 -d"${SECONDS_PER_RUN}s" -s "$ROOT/benches/load/mix.lua" "http://127.0.0.1:$PORT" | tail -1)
+  kill -TERM "$edge"
+  wait "$edge" || true
+  requests=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); assert s["non2xx"]==0 and s["errors"]==0, s; print(s["requests"])' "$summary")
+  # The connections' tasks, inclusive: every request's work on the serving
+  # thread, and none of start-up's.
+  serving=$(callgrind_annotate --inclusive=yes "$out" 2>/dev/null \
+    | sed -n 's/^ *\([0-9,]*\) .*synapse_edge::listeners::serve_conn::{{closure}} \[.*/\1/p' | head -1 | tr -d ,)
+  [ -n "$serving" ] || { echo "instructions: no serve_conn in $out (a binary without symbols?)" >&2; exit 1; }
+  echo "$bin: $requests requests, $((serving / requests)) instructions per request"
+done
+rm -rf "$WORK"
