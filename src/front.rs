@@ -152,38 +152,31 @@ fn plain_verdict(raw: &str) -> Option<bool> {
     // Where the first three `/` are: the first two segments lie between.
     let mut slash_at = [0usize; 3];
     let mut slashes = 0;
-    let mut prev = 0u8;
+    let decoded = |h, l| hex(h).zip(hex(l)).map(|(h, l)| h << 4 | l);
+    // Only `/`, `%` and `\\` can change a path under normalisation: the
+    // bytes between are passed over with one table lookup each.
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
-        match b {
-            b'\\' => return None,
-            b'/' if prev == b'/' => return None,
-            b'/' => {
+        if !PATH_SPECIAL[usize::from(b)] {
+            i += 1;
+            continue;
+        }
+        match &bytes[i..] {
+            // An empty or dot segment next.
+            [b'/', b'/' | b'.', ..] => return None,
+            [b'/', ..] => {
                 if let Some(at) = slash_at.get_mut(slashes) {
                     *at = i;
                 }
                 slashes += 1;
             }
-            b'.' if prev == b'/' => return None,
-            b'%' => {
-                if slashes < 3 {
-                    return None;
-                }
-                let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
-                    return None;
-                };
-                match hex(h).zip(hex(l)).map(|(h, l)| h << 4 | l) {
-                    Some(b'.' | b'/' | b'\\' | b'%') | None => return None,
-                    Some(_) => {
-                        prev = l;
-                        i += 3;
-                        continue;
-                    }
-                }
-            }
-            _ => {}
+            [b'%', h, l, ..] if slashes >= 3 => match decoded(*h, *l) {
+                Some(b'.' | b'/' | b'\\' | b'%') | None => return None,
+                Some(_) => i += 2,
+            },
+            // An escape in the first two segments, a broken one, or `\\`.
+            _ => return None,
         }
-        prev = b;
         i += 1;
     }
     let segment = |k: usize| {
@@ -197,6 +190,15 @@ fn plain_verdict(raw: &str) -> Option<bool> {
     Some(matches!((segment(0), segment(1)), (Some(a), Some(b))
         if a.eq_ignore_ascii_case("_synapse") && b.trim().eq_ignore_ascii_case("admin")))
 }
+
+/// The bytes `plain_verdict` stops at.
+const PATH_SPECIAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'/' as usize] = true;
+    table[b'%' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
 
 fn hex(b: u8) -> Option<u8> {
     match b {

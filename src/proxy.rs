@@ -443,12 +443,8 @@ impl Snapshot {
     ) -> Response<ResponseBody> {
         let reject = |reason: &str| m.rejected.with_label_values(&[reason]).inc();
         let (mut parts, body) = req.into_parts();
-        let Some(pq) = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .filter(|pq| pq.path().starts_with('/'))
-        else {
+        let uri = std::mem::take(&mut parts.uri);
+        let Some(pq) = uri.path_and_query().filter(|pq| pq.path().starts_with('/')) else {
             reject("bad_request");
             return matrix_error(
                 StatusCode::BAD_REQUEST,
@@ -540,7 +536,7 @@ impl Snapshot {
         let timeout = route_timeout(&state.edge.timeouts, route.long_poll);
 
         // HTTP/2 carries the host in the URI; workers speak HTTP/1.1.
-        if let Some(authority) = parts.uri.authority()
+        if let Some(authority) = uri.authority()
             && !parts.headers.contains_key(HOST)
             && let Ok(v) = HeaderValue::from_str(authority.as_str())
         {
