@@ -6,7 +6,7 @@
 FROM rust:1.95-bookworm AS build
 # PGO=1: a profile-guided build (scripts/build-pgo.sh: an instrumented build
 # trained under a load of its own, then the optimised build; it installs
-# wrk, h2load and rustup's llvm-tools). 9 to 12% less CPU per request in the
+# wrk, h2load and rustup's llvm-tools). 7 to 12% less CPU per request in the
 # load benchmark, for about twice the build time.
 ARG PGO=1
 WORKDIR /src

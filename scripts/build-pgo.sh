@@ -9,7 +9,7 @@
 #   3. merge the profile (llvm-profdata, from rustup's llvm-tools);
 #   4. build again with -Cprofile-use.
 # The result is target/pgo/synapse-edge (about 5 minutes on two cores).
-# It takes 9 to 12% less CPU per request than `cargo build --release` in
+# It takes 7 to 12% less CPU per request than `cargo build --release` in
 # the load benchmark (BENCHMARKS.md, "Profile-guided build"). The training load is not the benchmark's
 # mix, so the build is not tuned to the figures it is judged by.
 #   scripts/build-pgo.sh            # installs llvm-tools, wrk, h2load if missing
