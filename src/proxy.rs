@@ -443,6 +443,7 @@ impl Snapshot {
     ) -> Response<ResponseBody> {
         let reject = |reason: &str| m.rejected.with_label_values(&[reason]).inc();
         let (mut parts, body) = req.into_parts();
+        // Taken, not cloned: nothing after reads `parts.uri`.
         let uri = std::mem::take(&mut parts.uri);
         let Some(pq) = uri.path_and_query().filter(|pq| pq.path().starts_with('/')) else {
             reject("bad_request");

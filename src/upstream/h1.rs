@@ -158,8 +158,8 @@ impl RequestFraming {
     }
 }
 
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The client's address and scheme as the edge tells its workers. Written
 /// with the head in place of any the client sent, rather than inserted
@@ -173,7 +173,9 @@ pub struct Forwarded<'a> {
 
 /// The request line and headers as the worker gets them. The headers are
 /// the proxy's (hop-by-hop ones already gone); `Expect` is dropped because
-/// the edge already answered `100 Continue` to the client.
+/// the edge already answered `100 Continue` to the client; with
+/// `forwarded`, its two lines replace any `X-Forwarded-For` or `-Proto`
+/// the client sent.
 pub fn encode_head(
     method: &Method,
     target: &str,
@@ -704,6 +706,26 @@ Set-Cookie: b=2\r\nDate: d\r\nContent-Length: 2\r\n\r\n{}";
         assert_eq!(
             text(RequestFraming::Chunked),
             "PUT /a?b HTTP/1.1\r\nhost: example.org\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        // The edge's forwarding lines replace the client's, in any case.
+        h.insert("X-Forwarded-For", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let peer = HeaderValue::from_static("192.0.2.7");
+        let forwarded = Forwarded {
+            client: &peer,
+            proto: "http",
+        };
+        let wire = encode_head(
+            &Method::GET,
+            "/",
+            &h,
+            Some(forwarded),
+            RequestFraming::Empty,
+        );
+        assert_eq!(
+            String::from_utf8(wire).unwrap(),
+            "GET / HTTP/1.1\r\nhost: example.org\r\n\
+             x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\n\r\n"
         );
         let (size, end) = crate::http1::chunk_frame(b"0123456789abcdefX", true);
         assert_eq!((&size[..], end), (&b"11\r\n"[..], &b"\r\n"[..]));
