@@ -15,6 +15,7 @@
 #   scripts/build-pgo.sh            # installs llvm-tools, wrk, h2load if missing
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/demo-config-dir.sh"
 OUT=$ROOT/target/pgo
 PORT=${PGO_PORT:-18701}   # uses PORT .. PORT+3 on 127.0.0.1
 
@@ -50,12 +51,7 @@ trap cleanup EXIT
 LLVM_PROFILE_FILE="$OUT/discard/%p.profraw" "$GEN" demo --listen "127.0.0.1:$((PORT + 3))" \
   --metrics "127.0.0.1:$((PORT + 2))" >"$T/demo.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do
-  DIR=$(sed -n 's/^Synapse config: \(.*\)\/homeserver.yaml and .*/\1/p' "$T/demo.log")
-  [ -n "$DIR" ] && break
-  sleep 0.1
-done
-[ -n "${DIR:-}" ] || { echo "build-pgo: the demo did not start:" >&2; cat "$T/demo.log" >&2; exit 1; }
+DIR=$(demo_config_dir "$T/demo.log")
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=train \
   -addext subjectAltName=IP:127.0.0.1 -keyout "$T/key.pem" -out "$T/cert.pem" 2>/dev/null
 # The edge being trained: its defaults (access log on), one serving thread.

@@ -10,6 +10,7 @@
 # Prints one line per binary: requests, instructions per request.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/scripts/demo-config-dir.sh"
 PORT=${INSTR_PORT:-18810}   # uses PORT .. PORT+2 on 127.0.0.1
 SECONDS_PER_RUN=${INSTR_SECONDS:-15}
 [ $# -gt 0 ] || set -- "$ROOT/target/release/synapse-edge"
@@ -22,13 +23,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 "$1" demo --listen "127.0.0.1:$((PORT + 2))" --metrics "127.0.0.1:$((PORT + 1))" >"$WORK/demo.log" 2>&1 &
 pids+=($!)
-DIR=""
-for _ in $(seq 100); do
-  DIR=$(sed -n 's/^Synapse config: \(.*\)\/homeserver.yaml and .*/\1/p' "$WORK/demo.log")
-  [ -n "$DIR" ] && break
-  sleep 0.1
-done
-[ -n "$DIR" ] || { echo "instructions: the demo did not start:" >&2; cat "$WORK/demo.log" >&2; exit 1; }
+DIR=$(demo_config_dir "$WORK/demo.log")
 printf 'access_log: false\n' >"$WORK/edge.yaml"
 for bin in "$@"; do
   out="$WORK/callgrind.$(basename "$bin").$$"
