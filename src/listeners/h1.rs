@@ -706,10 +706,12 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
     // The proxy adds nothing to an HTTP/1 request's map (X-Forwarded-For
     // and -Proto are written with the worker's head), so this is its size.
     let mut headers = HeaderMap::with_capacity(req.headers.len());
-    // Which of the headers that frame the request are there, noted on the
-    // way (a name compare), so that absent ones are not looked up (a hash
-    // and a probe each, five per request).
-    let (mut hosts, mut framed, mut connection, mut expect) = (0, false, false, false);
+    // What the connection's own headers say, read on the way (a name
+    // compare each) rather than looked up in the map afterwards (a hash and
+    // a probe each, five per request, mostly for headers not there).
+    let (mut hosts, mut framed, mut close, mut keep) = (0, false, false, false);
+    // The first `Expect`: whether it asks for `100-continue`.
+    let mut expect: Option<bool> = None;
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Refusal::bad("invalid header name"))?;
@@ -718,11 +720,15 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
         if name == HOST {
             hosts += 1;
         } else if name == TRANSFER_ENCODING || name == CONTENT_LENGTH {
+            // Judged together once all are in (`body_framing`).
             framed = true;
         } else if name == CONNECTION {
-            connection = true;
-        } else if name == EXPECT {
-            expect = true;
+            for option in connection_options(value.as_bytes()) {
+                close |= option == ConnectionOption::Close;
+                keep |= option == ConnectionOption::KeepAlive;
+            }
+        } else if name == EXPECT && expect.is_none() {
+            expect = Some(value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         }
         headers
             .try_append(name, value)
@@ -738,21 +744,14 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
     } else {
         None
     };
-    let (close, keep) = if connection {
-        close_and_keep_alive(&headers)
-    } else {
-        (false, false)
-    };
     let keep_alive = match version {
         Version::HTTP_10 => keep && !close,
         _ => !close,
     };
-    let expect_continue = match expect.then(|| headers.get(EXPECT)).flatten() {
+    let expect_continue = match expect {
         None => false,
-        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"100-continue") => {
-            version == Version::HTTP_11
-        }
-        Some(_) => return Err(Refusal::EXPECTATION),
+        Some(true) => version == Version::HTTP_11,
+        Some(false) => return Err(Refusal::EXPECTATION),
     };
     Ok(Some((
         ParsedHead {
@@ -822,18 +821,6 @@ fn parse_length(v: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
-}
-
-/// Whether `Connection` says `close`, and whether it says `keep-alive`.
-fn close_and_keep_alive(headers: &HeaderMap) -> (bool, bool) {
-    let (mut close, mut keep) = (false, false);
-    for value in headers.get_all(CONNECTION) {
-        for option in connection_options(value.as_bytes()) {
-            close |= option == ConnectionOption::Close;
-            keep |= option == ConnectionOption::KeepAlive;
-        }
-    }
-    (close, keep)
 }
 
 /// How a response body is delimited on the wire.
