@@ -32,10 +32,13 @@ for bin in "$@"; do
     --listen "127.0.0.1:$PORT" >"$WORK/edge.log" 2>&1 &
   edge=$!
   pids+=($edge)
+  up=""
   for _ in $(seq 100); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$PORT/_matrix/client/versions" 2>/dev/null && break
+    curl -fsS -o /dev/null "http://127.0.0.1:$PORT/_matrix/client/versions" 2>/dev/null && { up=1; break; }
+    kill -0 "$edge" 2>/dev/null || break # it exited
     sleep 0.3
   done
+  [ -n "$up" ] || { echo "instructions: $bin did not answer under valgrind (within 30 s); it said:" >&2; cat "$WORK/edge.log" >&2; exit 1; }
   summary=$(wrk -t1 -c16 -d"${SECONDS_PER_RUN}s" -s "$ROOT/benches/load/mix.lua" "http://127.0.0.1:$PORT" | tail -1)
   kill -TERM "$edge"
   wait "$edge" || true
