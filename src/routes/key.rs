@@ -147,7 +147,7 @@ fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
 /// the localpart runs to the next `_`.
 fn syt_localpart(token: &str) -> Option<&str> {
     let rest = token.strip_prefix("syt_")?;
-    let end = rest.find('_')?;
+    let end = memchr::memchr(b'_', rest.as_bytes())?;
     (end > 0).then(|| &rest[..end])
 }
 
@@ -159,10 +159,7 @@ pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     let (bytes, name) = (query.as_bytes(), name.as_bytes());
     let mut start = 0;
     while start <= bytes.len() {
-        let end = bytes[start..]
-            .iter()
-            .position(|&b| b == b'&')
-            .map_or(bytes.len(), |i| start + i);
+        let end = memchr::memchr(b'&', &bytes[start..]).map_or(bytes.len(), |i| start + i);
         let pair = &bytes[start..end];
         if pair.starts_with(name) {
             match pair.get(name.len()) {
