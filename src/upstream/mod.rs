@@ -258,6 +258,7 @@ async fn exchange(
         {
             pool.put_back(conn);
         }
+        http1::give_back(buf);
         return Ok(resp);
     }
     // Whatever of the body came with the head is handed out first.
@@ -473,9 +474,11 @@ impl PooledBody {
     fn finish(&mut self) {
         if let Some(r) = self.reading.take()
             && r.buf.is_empty()
-            && let Some(pool) = r.back
         {
-            pool.put_back(r.conn);
+            if let Some(pool) = r.back {
+                pool.put_back(r.conn);
+            }
+            http1::give_back(r.buf);
         }
     }
 }
