@@ -122,7 +122,8 @@ pub fn poll_read_more<R: AsyncRead + Unpin + ?Sized>(
 }
 
 /// How many finished-with read buffers a serving thread keeps, and the
-/// largest it keeps (body reads grow theirs up to 64 KiB).
+/// most room one may have left to be kept (a body read's buffer grows to
+/// 64 KiB and more; such a buffer is not kept).
 const SPARES: usize = 8;
 const SPARE_MAX_CAPACITY: usize = 16 << 10;
 
@@ -136,9 +137,12 @@ thread_local! {
     static SPARE_BUFFERS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An empty buffer with room for `want` bytes, a spare one if one is free.
-/// A spare whose bytes are still in use (an answer's head being written,
-/// which shares its memory) is left for later.
+/// An empty buffer with room for `want` bytes, a spare one if one has it.
+/// A spare may share its memory with bytes split off it and still in use
+/// (an answer's head being written): only the room after them is its own,
+/// and it is taken only if that room is enough or it can be reclaimed
+/// (`try_reclaim` moves it back to the start only once nothing else holds
+/// the memory).
 pub fn take_buffer(want: usize) -> BytesMut {
     SPARE_BUFFERS
         .with_borrow_mut(|spares| {
