@@ -104,21 +104,28 @@ impl BodyFraming {
     }
 }
 
-/// Reads what is there into `buf`, first growing it by `want` bytes when
-/// less than 1 KiB (or `want`) of room is left. A buffer with no room at
-/// all (released while its connection waited) is taken from the spares.
+/// Reads what is there into `buf`, first making room for `want` bytes
+/// when less than 1 KiB (or `want`) of room is left.
 pub fn poll_read_more<R: AsyncRead + Unpin + ?Sized>(
     io: &mut R,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
     want: usize,
 ) -> Poll<io::Result<usize>> {
-    if buf.capacity() == 0 {
-        *buf = take_buffer(want);
-    } else if buf.capacity() - buf.len() < want.min(1024) {
-        buf.reserve(want);
+    if buf.capacity() - buf.len() < want.min(1024) {
+        make_room(buf, want);
     }
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// Room in `buf` for `want` more bytes: a spare buffer when it has none at
+/// all (it was [`release`]d while its connection waited), else grown.
+pub fn make_room(buf: &mut BytesMut, want: usize) {
+    if buf.capacity() == 0 {
+        *buf = take_buffer(want);
+    } else {
+        buf.reserve(want);
+    }
 }
 
 /// How many finished-with read buffers a serving thread keeps, and the
@@ -143,7 +150,7 @@ thread_local! {
 /// and it is taken only if that room is enough or it can be reclaimed
 /// (`try_reclaim` moves it back to the start only once nothing else holds
 /// the memory).
-pub fn take_buffer(want: usize) -> BytesMut {
+fn take_buffer(want: usize) -> BytesMut {
     SPARE_BUFFERS
         .with_borrow_mut(|spares| {
             let free = spares.iter_mut().rposition(|b| b.try_reclaim(want))?;
@@ -152,10 +159,11 @@ pub fn take_buffer(want: usize) -> BytesMut {
         .unwrap_or_else(|| BytesMut::with_capacity(want))
 }
 
-/// Keeps a read buffer its connection has finished with for the next
-/// [`take_buffer`] on this thread: only an empty one of modest size, and
-/// only as many as [`SPARES`].
-pub fn give_back(buf: BytesMut) {
+/// Lets go of a read buffer its connection has finished with, leaving
+/// `buf` with no memory: kept for the next [`make_room`] on this thread
+/// if it is empty and of modest size, and fewer than [`SPARES`] are kept.
+pub fn release(buf: &mut BytesMut) {
+    let buf = std::mem::take(buf);
     if !buf.is_empty() || buf.capacity() == 0 || buf.capacity() > SPARE_MAX_CAPACITY {
         return;
     }
@@ -356,7 +364,8 @@ mod tests {
         buf.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
         let head = buf.split().freeze();
         let memory = buf.as_ptr();
-        give_back(buf);
+        release(&mut buf);
+        assert_eq!(buf.capacity(), 0, "a released buffer keeps no memory");
         // Meanwhile another answer is read: not into the head's memory.
         let mut other = take_buffer(8 << 10);
         other.extend_from_slice(&[b'x'; 64]);
@@ -371,8 +380,8 @@ mod tests {
         // A buffer with data, or a large one, is not kept.
         let mut full = BytesMut::with_capacity(1024);
         full.extend_from_slice(b"pipelined");
-        give_back(full);
-        give_back(BytesMut::with_capacity(64 << 10));
+        release(&mut full);
+        release(&mut BytesMut::with_capacity(64 << 10));
         SPARE_BUFFERS.with_borrow(|spares| {
             assert!(
                 spares

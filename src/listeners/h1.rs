@@ -44,7 +44,7 @@ use crate::body::{ClientBody, ResponseBody};
 use crate::conn_timer::ConnTimer;
 use crate::http1::{
     BodyFraming, ChunkState, ConnectionOption, Cursor, Decoded, chunk_frame, connection_options,
-    give_back, poll_read_more, poll_write_slices, take_buffer,
+    make_room, poll_read_more, poll_write_slices, release,
 };
 use crate::proxy::{ClientConn, Proxy, matrix_error};
 
@@ -374,16 +374,12 @@ fn poll_read_head<I: ClientIo>(
             .len()
             .max(FIRST_READ)
             .min(limit.saturating_sub(s.buf.len()).max(512));
-        if s.buf.capacity() == 0 {
-            s.buf = take_buffer(more);
-        } else {
-            s.buf.reserve(more);
-        }
+        make_room(&mut s.buf, more);
     }
     let read = tokio_util::io::poll_read_buf(Pin::new(&mut s.io), cx, &mut s.buf);
     if read.is_pending() && s.buf.is_empty() {
         // Readiness was stale: wait without the buffer.
-        give_back(std::mem::take(&mut s.buf));
+        release(&mut s.buf);
     }
     read
 }
@@ -398,7 +394,7 @@ fn into_request<I: ClientIo>(head: ParsedHead, conn: &Arc<SharedConn<I>>) -> Req
     s.continue_sent = (head.expect_continue && s.body != BodyState::None).then_some(0);
     // A request waiting for its worker holds no read buffer.
     if s.buf.is_empty() {
-        give_back(std::mem::take(&mut s.buf));
+        release(&mut s.buf);
     }
     let body = match s.body {
         BodyState::None => ClientBody::Empty,
@@ -463,7 +459,7 @@ fn poll_client_gone<I: ClientIo>(conn: &SharedConn<I>, cx: &mut Context<'_>) -> 
     }
     match poll_read_more(&mut s.io, cx, &mut s.buf, FIRST_READ) {
         Poll::Pending => {
-            give_back(std::mem::take(&mut s.buf));
+            release(&mut s.buf);
             Poll::Pending
         }
         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(true),
@@ -1040,7 +1036,7 @@ async fn linger<I: ClientIo>(conn: &SharedConn<I>) {
         loop {
             s.buf.clear();
             if s.buf.capacity() < FIRST_READ {
-                s.buf.reserve(FIRST_READ);
+                make_room(&mut s.buf, FIRST_READ);
             }
             match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut s.io),

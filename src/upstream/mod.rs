@@ -258,7 +258,7 @@ async fn exchange(
         {
             pool.put_back(conn);
         }
-        http1::give_back(buf);
+        http1::release(&mut buf);
         return Ok(resp);
     }
     // Whatever of the body came with the head is handed out first.
@@ -472,13 +472,13 @@ impl PooledBody {
     }
 
     fn finish(&mut self) {
-        if let Some(r) = self.reading.take()
+        if let Some(mut r) = self.reading.take()
             && r.buf.is_empty()
         {
             if let Some(pool) = r.back {
                 pool.put_back(r.conn);
             }
-            http1::give_back(r.buf);
+            http1::release(&mut r.buf);
         }
     }
 }
