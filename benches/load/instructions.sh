@@ -44,10 +44,15 @@ for bin in "$@"; do
   wait "$edge" || true
   requests=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); assert s["non2xx"]==0 and s["errors"]==0, s; print(s["requests"])' "$summary")
   # The connections' tasks, inclusive: every request's work on the serving
-  # thread, and none of start-up's.
+  # thread, and none of start-up's. The task's outermost frame of ours is
+  # `serve_conn`, or `start_tcp_conn` when the compiler inlined the one
+  # into the other (it does, depending on the rest of the code); the
+  # largest of them is the task. (callgrind_annotate appends the object's
+  # name, ` [...]`, to some lines only.)
   serving=$(callgrind_annotate --inclusive=yes "$out" 2>/dev/null \
-    | sed -n 's/^ *\([0-9,]*\) .*synapse_edge::listeners::serve_conn::{{closure}} \[.*/\1/p' | head -1 | tr -d ,)
-  [ -n "$serving" ] || { echo "instructions: no serve_conn in $out (a binary without symbols?)" >&2; exit 1; }
+    | sed -n -E 's/^ *([0-9,]+) .*synapse_edge::listeners::(serve_conn|start_tcp_conn)::\{\{closure\}\}( \[.*)?$/\1/p' \
+    | head -1 | tr -d ,)
+  [ -n "$serving" ] || { echo "instructions: no serve_conn or start_tcp_conn frame in $out (a binary without symbols?)" >&2; exit 1; }
   echo "$bin: $requests requests, $((serving / requests)) instructions per request"
 done
 rm -rf "$WORK"
