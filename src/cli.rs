@@ -83,6 +83,10 @@ pub enum Command {
         /// The Unix socket to listen on.
         #[arg(long)]
         socket: PathBuf,
+        /// A TCP address to listen on as well (the load benchmark's
+        /// no-proxy baseline reaches the same worker there).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
     },
     /// Explain where one request would go.
     Route {
@@ -177,7 +181,11 @@ pub fn main() -> ExitCode {
         Command::Demo {
             listen, metrics, ..
         } => demo(listen, metrics),
-        Command::Standin { name, socket } => standin(&name, &socket),
+        Command::Standin {
+            name,
+            socket,
+            listen,
+        } => standin(&name, &socket, listen),
         Command::Generate {
             topology,
             out,
@@ -865,7 +873,7 @@ fn demo(listen: SocketAddr, metrics: SocketAddr) -> ExitCode {
     })
 }
 
-fn standin(name: &str, socket: &std::path::Path) -> ExitCode {
+fn standin(name: &str, socket: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -877,6 +885,16 @@ fn standin(name: &str, socket: &std::path::Path) -> ExitCode {
                 eprintln!("synapse-edge: cannot listen on {}: {e}", socket.display());
                 return ExitCode::FAILURE;
             }
+        };
+        let _tcp = match listen {
+            Some(addr) => match crate::standin::StandIn::start_tcp(name, addr).await {
+                Ok((s, _)) => Some(s),
+                Err(e) => {
+                    eprintln!("synapse-edge: cannot listen on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
         };
         stop_signal().await;
         ExitCode::SUCCESS
