@@ -40,11 +40,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{OpenConnection, ServerSettings, count_client_timeout};
-use crate::body::{ClientBody, ResponseBody};
+use crate::body::{ClientBody, REPLAY_LIMIT, ResponseBody};
 use crate::conn_timer::ConnTimer;
 use crate::http1::{
-    BodyFraming, ChunkState, ConnectionOption, Cursor, Decoded, chunk_frame, connection_options,
-    make_room, poll_read_more, poll_write_slices, release,
+    BodyFraming, ChunkState, ConnectionOption, Cursor, Decoded, REQUEST_BODY_READ, chunk_frame,
+    connection_options, make_room, poll_read_more, poll_write_slices, release,
 };
 use crate::proxy::{ClientConn, Proxy, matrix_error};
 
@@ -112,6 +112,8 @@ struct Shared<I> {
     /// Read and not yet used. Released (no allocation) while waiting.
     buf: BytesMut,
     body: BodyState,
+    /// How much of the current request's body has been handed on.
+    body_given: u64,
     /// How much of a `100 Continue` owed to the client has been sent.
     continue_sent: Option<usize>,
 }
@@ -145,6 +147,7 @@ pub async fn serve<I: ClientIo>(
         io,
         buf: BytesMut::new(),
         body: BodyState::None,
+        body_given: 0,
         continue_sent: None,
     }));
     let mut open: Option<OpenConnection> = None;
@@ -391,6 +394,7 @@ fn into_request<I: ClientIo>(head: ParsedHead, conn: &Arc<SharedConn<I>>) -> Req
         Some(framing) if !framing.is_done() => BodyState::Reading(framing),
         _ => BodyState::None,
     };
+    s.body_given = 0;
     s.continue_sent = (head.expect_continue && s.body != BodyState::None).then_some(0);
     // A request waiting for its worker holds no read buffer.
     if s.buf.is_empty() {
@@ -557,6 +561,7 @@ impl<I: ClientIo> ReadBody for SharedConn<I> {
                     if framing.is_done() {
                         s.body = BodyState::Done;
                     }
+                    s.body_given += data.len() as u64;
                     return Poll::Ready(Some(Ok(data)));
                 }
                 Ok(Decoded::Done) => {
@@ -572,7 +577,15 @@ impl<I: ClientIo> ReadBody for SharedConn<I> {
                     ))));
                 }
             }
-            let want = framing.useful_read();
+            // Within the part of a body that a failed attempt can still
+            // replay, reads are no larger than that part: a larger first
+            // read would end the replay copy at once.
+            let most = if s.body_given < REPLAY_LIMIT as u64 {
+                REPLAY_LIMIT
+            } else {
+                REQUEST_BODY_READ
+            };
+            let want = framing.useful_read(most);
             match ready!(poll_read_more(&mut s.io, cx, &mut s.buf, want)) {
                 Ok(0) => {
                     s.body = BodyState::Failed;
@@ -1254,5 +1267,50 @@ mod tests {
                 "{raw:?}"
             );
         }
+    }
+
+    /// An upload crosses in reads of up to 256 KiB, but not its first
+    /// 64 KiB: while that much has gone, a failed attempt still has the
+    /// whole body to send to another worker, and a larger first read would
+    /// have ended that copy at once.
+    #[tokio::test]
+    async fn a_large_request_body_is_read_in_large_pieces_once_past_what_a_retry_could_replay() {
+        use http_body_util::BodyExt;
+        use tokio::io::AsyncWriteExt;
+        const LEN: usize = 2 << 20;
+        let (io, mut client) = tokio::net::UnixStream::pair().unwrap();
+        let sender = tokio::spawn(async move {
+            client.write_all(&vec![7; LEN]).await.unwrap();
+            client
+        });
+        let conn = Arc::new(Mutex::new(Shared {
+            io,
+            buf: BytesMut::new(),
+            body: BodyState::None,
+            body_given: 0,
+            continue_sent: None,
+        }));
+        let head = parse(&format!(
+            "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {LEN}\r\n\r\n"
+        ))
+        .unwrap();
+        let mut body = into_request(head, &conn).into_body();
+        let (mut given, mut largest_early, mut largest_late) = (0, 0, 0);
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            if given < REPLAY_LIMIT {
+                largest_early = largest_early.max(data.len());
+            } else {
+                largest_late = largest_late.max(data.len());
+            }
+            given += data.len();
+        }
+        assert_eq!(given, LEN);
+        assert!(largest_early <= REPLAY_LIMIT, "{largest_early}");
+        assert!(
+            largest_late > REPLAY_LIMIT && largest_late <= REQUEST_BODY_READ,
+            "{largest_late}"
+        );
+        drop(sender.await.unwrap());
     }
 }

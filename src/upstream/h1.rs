@@ -20,8 +20,8 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http1::{
-    BodyFraming, ChunkState, ConnectionOption, Cursor, Malformed, connection_options,
-    is_hop_by_hop, poll_write_slices,
+    ANSWER_BODY_READ, BodyFraming, ChunkState, ConnectionOption, Cursor, Malformed,
+    connection_options, is_hop_by_hop, poll_write_slices,
 };
 
 /// The most header lines an answer may have.
@@ -555,7 +555,7 @@ impl Conn {
         buf: &mut BytesMut,
         framing: &BodyFraming,
     ) -> Poll<io::Result<usize>> {
-        self.poll_read_into(cx, buf, framing.useful_read())
+        self.poll_read_into(cx, buf, framing.useful_read(ANSWER_BODY_READ))
     }
 }
 
