@@ -545,10 +545,9 @@ def upload(name, port, pids, blob, tries=7):
     return r
 
 
-def restart_workers(workers, without=(), log="workers2.log"):
+def restart_workers(run, workers, without=(), log="workers2.log"):
     """The stand-in workers' Nginx started again without `without` (whose
     sockets a stand-in of our own is to take)."""
-    run = Path(workers.args[workers.args.index("-p") + 1])
     workers.send_signal(signal.SIGQUIT)
     workers.wait(10)
     workers = start(["taskset", "-c", "1", "nginx", "-c", str(worker_nginx(run, without)), "-p", str(run)], run / log)
@@ -675,7 +674,7 @@ def main():
             # its answer, 4 KiB a read. For uploads media1 is a stand-in
             # that reads the whole body first, then answers with its length
             # and hash; the direct baseline reaches it over TCP.
-            workers = restart_workers(workers, without=("media1",), log="workers-upload.log")
+            workers = restart_workers(run, workers, without=("media1",), log="workers-upload.log")
             media = start(["taskset", "-c", "1", str(EDGE), "standin", "--name", "media1", "--socket",
                            str(run / "sockets" / "synapse_inbound_media1.sock"), "--listen",
                            f"127.0.0.1:{PORT['direct-upload']}"], run / "standin-media1.log")
@@ -690,10 +689,10 @@ def main():
                                  "edge": upload("edge", PORT["edge"], edge_pids, blob)}
             media.send_signal(signal.SIGTERM)
             media.wait(10)
-            workers = restart_workers(workers, log="workers-after-upload.log")
+            workers = restart_workers(run, workers, log="workers-after-upload.log")
         if "longpoll" in SCENARIOS:
             # Long-polls: a stand-in that holds /sync replaces client_sync1.
-            workers = restart_workers(workers, without=("client_sync1",), log="workers2.log")
+            workers = restart_workers(run, workers, without=("client_sync1",), log="workers2.log")
             start(["taskset", "-c", "1", str(EDGE), "standin", "--name", "client_sync1", "--socket",
                    str(run / "sockets" / "synapse_inbound_client_sync1.sock")], run / "standin.log")
             # Fresh proxies: memory that earlier scenarios freed but left

@@ -578,8 +578,8 @@ impl<I: ClientIo> ReadBody for SharedConn<I> {
                 }
             }
             // Within the part of a body that a failed attempt can still
-            // replay, reads are no larger than that part: a larger first
-            // read would end the replay copy at once.
+            // replay, a read asks for no more than that part: a larger
+            // first read would end the replay copy at once.
             let most = if s.body_given < REPLAY_LIMIT as u64 {
                 REPLAY_LIMIT
             } else {
