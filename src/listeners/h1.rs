@@ -128,6 +128,19 @@ enum BodyState {
     Failed,
 }
 
+impl<I> Shared<I> {
+    /// A connection that has read nothing yet.
+    fn new(io: I) -> Self {
+        Shared {
+            io,
+            buf: BytesMut::new(),
+            body: BodyState::None,
+            body_given: 0,
+            continue_sent: None,
+        }
+    }
+}
+
 type SharedConn<I> = Mutex<Shared<I>>;
 
 fn lock<I>(conn: &SharedConn<I>) -> MutexGuard<'_, Shared<I>> {
@@ -143,13 +156,7 @@ pub async fn serve<I: ClientIo>(
     settings: &ServerSettings,
     mut stop: watch::Receiver<bool>,
 ) -> Ended<I> {
-    let conn = Arc::new(Mutex::new(Shared {
-        io,
-        buf: BytesMut::new(),
-        body: BodyState::None,
-        body_given: 0,
-        continue_sent: None,
-    }));
+    let conn = Arc::new(Mutex::new(Shared::new(io)));
     let mut open: Option<OpenConnection> = None;
     let mut first = true;
     loop {
@@ -1283,13 +1290,7 @@ mod tests {
             client.write_all(&vec![7; LEN]).await.unwrap();
             client
         });
-        let conn = Arc::new(Mutex::new(Shared {
-            io,
-            buf: BytesMut::new(),
-            body: BodyState::None,
-            body_given: 0,
-            continue_sent: None,
-        }));
+        let conn = Arc::new(Mutex::new(Shared::new(io)));
         let head = parse(&format!(
             "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {LEN}\r\n\r\n"
         ))
