@@ -794,6 +794,12 @@ def report(res):
                       f"({', '.join(noisy)}); look for other load on the machine and run again before trusting "
                       f"the ratios."]
     up = res["upload"]
+    failed = [k for k, v in up.items() if v["status"] != 200]
+    if failed:
+        # An error answer, or a worker that did not get every byte: no
+        # upload figure of this run says anything.
+        lines[1:1] = ["", f"**Upload does not count**: {', '.join(failed)} answered an error or did not deliver "
+                      f"the whole body to the worker (see the run's output)."]
     lines.append(f"| 50 MiB upload time edge / nginx | {up['edge']['seconds']/up['nginx']['seconds']:.2f} |")
     lines.append("")
     lines.append("| 50 MiB upload (median of 7; to a worker that reads it all first) | seconds (curl's) | "
