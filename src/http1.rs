@@ -26,6 +26,10 @@ pub const ANSWER_BODY_READ: usize = 64 << 10;
 /// (BENCHMARKS.md, eleventh session).
 pub const REQUEST_BODY_READ: usize = 256 << 10;
 
+/// The read of a body whose length is not known (chunked, or until
+/// close): it may end in the next few bytes.
+const UNKNOWN_LENGTH_READ: usize = 16 << 10;
+
 /// The longest chunk-size line or trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4 << 10;
 const MAX_TRAILERS: usize = 16 << 10;
@@ -105,11 +109,12 @@ impl BodyFraming {
     }
 
     /// How much to read at once for the rest of the body: what is left
-    /// (at least 1 KiB, at most `most`), or 16 KiB when that is unknown.
+    /// (at least 1 KiB, at most `most`), or [`UNKNOWN_LENGTH_READ`] when
+    /// that is unknown.
     pub fn useful_read(&self, most: usize) -> usize {
         match self.remaining() {
             Some(n) => n.clamp(1024, most as u64) as usize,
-            None => 16 << 10,
+            None => UNKNOWN_LENGTH_READ,
         }
     }
 }
