@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderValue, Method, Uri, Version};
+use http::{HeaderValue, Method, Version};
+
+use crate::request::{ClientRequest, Target};
 
 /// The `tracing` target the lines are filed under (for `RUST_LOG`).
 pub const TARGET: &str = "synapse_edge::access";
@@ -88,18 +90,18 @@ pub fn enabled(configured: bool) -> bool {
 /// clones of the parsed request's shared bytes).
 pub struct RequestFacts {
     method: Method,
-    uri: Uri,
+    target: Target,
     version: Version,
     user_agent: Option<HeaderValue>,
 }
 
 impl RequestFacts {
-    pub fn of<B>(req: &http::Request<B>) -> RequestFacts {
+    pub fn of(req: &ClientRequest) -> RequestFacts {
         RequestFacts {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            method: req.method.clone(),
+            target: req.target.clone(),
+            version: req.version,
+            user_agent: req.headers.get(http::header::USER_AGENT).cloned(),
         }
     }
 }
@@ -218,7 +220,7 @@ fn format_line(
     stamp: &Stamp,
 ) {
     let mut num = itoa::Buffer::new();
-    let target = req.uri.path_and_query().map_or("-", |pq| pq.as_str());
+    let target = req.target.as_str().unwrap_or("-");
     let version = match req.version {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",
@@ -506,11 +508,17 @@ mod tests {
     use super::*;
 
     fn line(format: Format, target: &str, agent: Option<&[u8]>) -> String {
-        let mut req = http::Request::get(target).version(Version::HTTP_11);
+        let mut headers = http::HeaderMap::new();
         if let Some(a) = agent {
-            req = req.header("user-agent", HeaderValue::from_bytes(a).unwrap());
+            headers.insert("user-agent", HeaderValue::from_bytes(a).unwrap());
         }
-        let req = req.body(()).unwrap();
+        let req = ClientRequest {
+            method: Method::GET,
+            target: Target::http1(bytes::Bytes::copy_from_slice(target.as_bytes())).unwrap(),
+            version: Version::HTTP_11,
+            headers,
+            body: crate::body::ClientBody::Empty,
+        };
         let done = Outcome {
             client: "203.0.113.9".parse().unwrap(),
             status: 200,

@@ -23,6 +23,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod process;
 pub mod proxy;
+pub mod request;
 pub mod routes;
 pub mod standin;
 pub mod state;

@@ -13,7 +13,7 @@ use http::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
     STRICT_TRANSPORT_SECURITY,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use prometheus::{IntCounter, IntGauge};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
@@ -28,6 +28,7 @@ use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
 use crate::http1::ConnectionOption;
 use crate::metrics::{Metrics, method_label, status_class};
+use crate::request::{self, ClientRequest};
 use crate::routes::Route;
 use crate::state::{EdgeState, RequestView};
 use crate::topology::WorkerId;
@@ -287,15 +288,11 @@ impl Proxy {
 
     /// Serves one request. Never fails: every problem becomes a response.
     /// Counts it, and taps its body for the byte count and access log.
-    pub async fn handle(
-        &self,
-        req: Request<ClientBody>,
-        conn: &ClientConn,
-    ) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: ClientRequest, conn: &ClientConn) -> Response<ResponseBody> {
         let start = Instant::now();
         let snap = self.current.load_full();
         let m = &*self.metrics;
-        let method = req.method().clone();
+        let method = req.method.clone();
         let edge = &snap.state.edge;
         let access = access_log::enabled(edge.access_log).then(|| RequestFacts::of(&req));
         // Counts and logs the request if the client leaves before it is
@@ -436,16 +433,20 @@ impl Drop for InFlight {
 impl Snapshot {
     async fn handle<'s>(
         &'s self,
-        req: Request<ClientBody>,
+        req: ClientRequest,
         conn: &ClientConn,
         served: &mut Served<'s>,
         m: &Metrics,
     ) -> Response<ResponseBody> {
         let reject = |reason: &str| m.rejected.with_label_values(&[reason]).inc();
-        let (mut parts, body) = req.into_parts();
-        // Taken, not cloned: nothing after reads `parts.uri`.
-        let uri = std::mem::take(&mut parts.uri);
-        let Some(pq) = uri.path_and_query().filter(|pq| pq.path().starts_with('/')) else {
+        let ClientRequest {
+            method,
+            target,
+            version,
+            mut headers,
+            body,
+        } = req;
+        let Some(pq) = target.path_and_query() else {
             reject("bad_request");
             return matrix_error(
                 StatusCode::BAD_REQUEST,
@@ -457,12 +458,13 @@ impl Snapshot {
         let edge = &self.state.edge;
         let role = &conn.role;
         if role.redirect_https {
-            return front::redirect_or_challenge(role, pq.as_str(), &parts.headers);
+            return front::redirect_or_challenge(role, pq, &headers);
         }
-        if let Some(r) = edge.well_known.answer(pq.path()) {
+        let path = request::path_of(pq);
+        if let Some(r) = edge.well_known.answer(path) {
             return r;
         }
-        if let Some(kind) = Traffic::of(pq.path())
+        if let Some(kind) = Traffic::of(path)
             && !role.serves.contains(&kind)
         {
             reject("not_served_here");
@@ -472,19 +474,19 @@ impl Snapshot {
                 "Unrecognized request",
             );
         }
-        let client = front::client_address(conn.peer, &parts.headers, &edge.trusted_proxies);
+        let client = front::client_address(conn.peer, &headers, &edge.trusted_proxies);
         served.client = Some(client);
-        if let Some(r) = edge.admin.check(pq.path(), client) {
+        if let Some(r) = edge.admin.check(path, client) {
             reject("admin_guard");
-            tracing::info!(%client, path = pq.path(), "admin API refused");
+            tracing::info!(%client, path, "admin API refused");
             return r;
         }
         // An HTTP/1 request with no body has no length worth looking up.
         if !matches!(body, ClientBody::Empty)
-            && declared_length(&parts.headers).is_some_and(|n| n > self.max_body)
+            && declared_length(&headers).is_some_and(|n| n > self.max_body)
         {
             tracing::info!(
-                path = pq.path(),
+                path,
                 limit = self.max_body,
                 "request body too large (Content-Length)"
             );
@@ -494,9 +496,9 @@ impl Snapshot {
         let state = &self.state;
         let health = &*self.health;
         let view = RequestView {
-            method: &parts.method,
-            target: pq.as_str(),
-            headers: &parts.headers,
+            method: &method,
+            target: pq,
+            headers: &headers,
             client,
         };
         let routed = state.route(&view);
@@ -537,20 +539,18 @@ impl Snapshot {
         let timeout = route_timeout(&state.edge.timeouts, route.long_poll);
 
         // HTTP/2 carries the host in the URI; workers speak HTTP/1.1.
-        if let Some(authority) = uri.authority()
-            && !parts.headers.contains_key(HOST)
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        if let Some(authority) = target.authority()
+            && !headers.contains_key(HOST)
+            && let Ok(v) = HeaderValue::from_str(authority)
         {
-            parts.headers.insert(HOST, v);
+            headers.insert(HOST, v);
         }
-        strip_hop_by_hop(&mut parts.headers);
-        let method = parts.method;
-        let headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
         let forwarded_for = forwarded_for(client, conn);
         // Borrowed by every attempt: a retry needs no copy of it.
         let head = Head {
             method: &method,
-            target: pq.as_str(),
+            target: pq,
             headers: &headers,
             forwarded: Some(Forwarded {
                 client: &forwarded_for,
@@ -559,7 +559,7 @@ impl Snapshot {
             // HTTP/1 clients are answered by the edge's own server, which
             // writes the worker's lines as they came; hyper's HTTP/2 server
             // needs a map.
-            answer_headers: if parts.version == Version::HTTP_2 {
+            answer_headers: if version == Version::HTTP_2 {
                 AnswerHeaders::Map
             } else {
                 AnswerHeaders::Lines
@@ -629,7 +629,7 @@ impl Snapshot {
                 }
                 Err(AttemptError::TimedOut) => {
                     m.upstream_timeouts.with_label_values(&[worker_name]).inc();
-                    tracing::warn!(route = %route.name, worker = %worker_name, path = pq.path(), timeout = ?timeout, "worker did not answer in time");
+                    tracing::warn!(route = %route.name, worker = %worker_name, path, timeout = ?timeout, "worker did not answer in time");
                     return matrix_error(
                         StatusCode::GATEWAY_TIMEOUT,
                         "M_UNKNOWN",

@@ -32,7 +32,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{
     CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -47,6 +47,7 @@ use crate::http1::{
     connection_options, make_room, poll_read_more, poll_write_slices, release,
 };
 use crate::proxy::{ClientConn, Proxy, matrix_error};
+use crate::request::{ClientRequest, Target};
 
 /// The HTTP/2 connection preface. A cleartext client that starts with it
 /// speaks HTTP/2 from its first byte (h2c with prior knowledge).
@@ -395,7 +396,7 @@ fn poll_read_head<I: ClientIo>(
 }
 
 /// The request for the proxy, its body read from `conn`.
-fn into_request<I: ClientIo>(head: ParsedHead, conn: &Arc<SharedConn<I>>) -> Request<ClientBody> {
+fn into_request<I: ClientIo>(head: ParsedHead, conn: &Arc<SharedConn<I>>) -> ClientRequest {
     let mut s = lock(conn);
     s.body = match head.body {
         Some(framing) if !framing.is_done() => BodyState::Reading(framing),
@@ -412,12 +413,13 @@ fn into_request<I: ClientIo>(head: ParsedHead, conn: &Arc<SharedConn<I>>) -> Req
         _ => ClientBody::H1(ConnBody { conn: conn.clone() }),
     };
     drop(s);
-    let mut req = Request::new(body);
-    *req.method_mut() = head.method;
-    *req.uri_mut() = head.uri;
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers;
-    req
+    ClientRequest {
+        method: head.method,
+        target: head.target,
+        version: head.version,
+        headers: head.headers,
+        body,
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -623,7 +625,7 @@ impl<I: ClientIo> ReadBody for SharedConn<I> {
 #[derive(Debug)]
 struct ParsedHead {
     method: Method,
-    uri: Uri,
+    target: Target,
     version: Version,
     headers: HeaderMap,
     /// How the body is framed; `None`: no body.
@@ -717,8 +719,8 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refusal::bad("invalid method"))?;
     let target = req.path.unwrap_or_default();
-    let uri = Uri::from_maybe_shared(slice(target.as_bytes()))
-        .map_err(|_| Refusal::bad("invalid request target"))?;
+    let target =
+        Target::http1(slice(target.as_bytes())).ok_or(Refusal::bad("invalid request target"))?;
     let version = match req.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -776,7 +778,7 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
     Ok(Some((
         ParsedHead {
             method,
-            uri,
+            target,
             version,
             headers,
             body,
@@ -1110,8 +1112,8 @@ mod tests {
             .unwrap();
         assert_eq!(h.method, Method::GET);
         assert_eq!(
-            h.uri.path_and_query().unwrap().as_str(),
-            "/_matrix/client/versions?x=1"
+            h.target.path_and_query(),
+            Some("/_matrix/client/versions?x=1")
         );
         assert_eq!(h.headers.get("x-a").unwrap(), "b");
         assert_eq!(h.body, None);
@@ -1295,7 +1297,7 @@ mod tests {
             "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {LEN}\r\n\r\n"
         ))
         .unwrap();
-        let mut body = into_request(head, &conn).into_body();
+        let mut body = into_request(head, &conn).body;
         let (mut given, mut largest_early, mut largest_late) = (0, 0, 0);
         while let Some(frame) = body.frame().await {
             let data = frame.unwrap().into_data().unwrap();

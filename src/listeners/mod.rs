@@ -28,9 +28,9 @@ use tokio_util::task::TaskTracker;
 use prometheus::IntGauge;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::ClientBody;
 use crate::front::ListenerRole;
 use crate::proxy::{ClientConn, Proxy};
+use crate::request::ClientRequest;
 use h1::{ClientIo, Ended};
 
 /// Where to listen.
@@ -525,7 +525,7 @@ where
             // Boxed: hyper moves each stream's future several times on its
             // way into a task of its own, and the proxy's future is large.
             Box::pin(async move {
-                let resp = proxy.handle(req.map(ClientBody::H2), &client).await;
+                let resp = proxy.handle(ClientRequest::from_h2(req), &client).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             })
