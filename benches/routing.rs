@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use synapse_edge::balancing::AllUp;
+use synapse_edge::request::RequestHeaders;
 use synapse_edge::state::{EdgeState, RequestView, Sources};
 
 /// Counts heap allocations, to show the decision path makes none.
@@ -40,7 +41,7 @@ fn guide() -> EdgeState {
 
 /// Roughly what a busy homeserver sees: mostly sync long-polls and room
 /// traffic, some media, federation and misc.
-fn mix() -> Vec<(Method, String, HeaderMap)> {
+fn mix() -> Vec<(Method, String, RequestHeaders)> {
     let mut auth = HeaderMap::new();
     auth.insert(
         "authorization",
@@ -51,7 +52,8 @@ fn mix() -> Vec<(Method, String, HeaderMap)> {
         "authorization",
         HeaderValue::from_static(r#"X-Matrix origin="remote.example",destination="example.org",key="ed25519:a",sig="c2lnbmF0dXJl""#),
     );
-    let none = HeaderMap::new();
+    let none = RequestHeaders::default();
+    let (auth, xm) = (RequestHeaders::from(auth), RequestHeaders::from(xm));
     let mut v = Vec::new();
     for i in 0..64u32 {
         let room = format!("%21room{i:04}abcdef%3Aexample.org");
@@ -110,7 +112,11 @@ fn mix() -> Vec<(Method, String, HeaderMap)> {
 }
 
 /// Routes every request of the mix once.
-fn decide_all(state: &EdgeState, reqs: &[(Method, String, HeaderMap)], client: std::net::IpAddr) {
+fn decide_all(
+    state: &EdgeState,
+    reqs: &[(Method, String, RequestHeaders)],
+    client: std::net::IpAddr,
+) {
     for (m, t, h) in reqs {
         let req = RequestView {
             method: m,

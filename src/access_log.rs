@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderValue, Method, Version};
+use bytes::Bytes;
+use http::{Method, Version};
 
 use crate::request::{ClientRequest, Target};
 
@@ -92,7 +93,7 @@ pub struct RequestFacts {
     method: Method,
     target: Target,
     version: Version,
-    user_agent: Option<HeaderValue>,
+    user_agent: Option<Bytes>,
 }
 
 impl RequestFacts {
@@ -101,7 +102,7 @@ impl RequestFacts {
             method: req.method.clone(),
             target: req.target.clone(),
             version: req.version,
-            user_agent: req.headers.get(http::header::USER_AGENT).cloned(),
+            user_agent: req.headers.get_shared(&http::header::USER_AGENT),
         }
     }
 }
@@ -229,7 +230,7 @@ fn format_line(
         Version::HTTP_3 => "HTTP/3.0",
         _ => "-",
     };
-    let agent = req.user_agent.as_ref().map(HeaderValue::as_bytes);
+    let agent = req.user_agent.as_deref();
     match format {
         Format::Text => {
             out.extend_from_slice(stamp);
@@ -510,8 +511,9 @@ mod tests {
     fn line(format: Format, target: &str, agent: Option<&[u8]>) -> String {
         let mut headers = http::HeaderMap::new();
         if let Some(a) = agent {
-            headers.insert("user-agent", HeaderValue::from_bytes(a).unwrap());
+            headers.insert("user-agent", http::HeaderValue::from_bytes(a).unwrap());
         }
+        let headers = crate::request::RequestHeaders::from(headers);
         let req = ClientRequest {
             method: Method::GET,
             target: Target::http1(bytes::Bytes::copy_from_slice(target.as_bytes())).unwrap(),

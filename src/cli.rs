@@ -17,6 +17,7 @@ use crate::config::{EdgeConfig, LogFormat};
 use crate::front::ListenerRole;
 use crate::listeners::{ListenAddr, ListenerSpec, ServerSettings, Threaded};
 use crate::proxy::Proxy;
+use crate::request::RequestHeaders;
 use crate::state::{EdgeState, RequestView, Sources};
 use crate::tls::{CertSpec, CertStore};
 
@@ -429,10 +430,11 @@ fn route(
         Ok(s) => s,
         Err(code) => return code,
     };
+    let headers = RequestHeaders::Map(map);
     let req = RequestView {
         method: &method,
         target,
-        headers: &map,
+        headers: &headers,
         client,
     };
     let d = state.decide(&req, &AllUp);

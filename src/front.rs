@@ -7,12 +7,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION};
-use http::{HeaderMap, Response, StatusCode};
+use http::{Response, StatusCode};
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::body::ResponseBody;
 use crate::proxy::matrix_error;
+use crate::request::{RequestHeaders, X_FORWARDED_FOR};
 
 /// Kinds of traffic a listener may serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -248,7 +249,7 @@ fn normalised_is_admin(raw: &str) -> bool {
 pub fn redirect_or_challenge(
     role: &ListenerRole,
     path_and_query: &str,
-    headers: &HeaderMap,
+    headers: &RequestHeaders,
 ) -> Response<ResponseBody> {
     let path = path_and_query.split('?').next().unwrap_or("");
     if let (Some(dir), Some(token)) = (
@@ -258,8 +259,8 @@ pub fn redirect_or_challenge(
         return acme_challenge(dir, token);
     }
     let host = headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
+        .get(&HOST)
+        .and_then(|h| std::str::from_utf8(h).ok())
         .map(strip_port)
         .filter(|h| {
             !h.is_empty()
@@ -310,15 +311,14 @@ fn acme_challenge(dir: &Path, token: &str) -> Response<ResponseBody> {
 
 /// The client's address: the peer's, unless the peer is a trusted proxy,
 /// in which case the right-most untrusted `X-Forwarded-For` entry.
-pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn client_address(peer: IpAddr, headers: &RequestHeaders, trusted: &[IpNet]) -> IpAddr {
     if trusted.is_empty() || !trusted.iter().any(|n| n.contains(&peer)) {
         return peer;
     }
     let mut client = peer;
     let entries: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .get_all(&X_FORWARDED_FOR)
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .filter_map(|e| parse_forwarded_addr(e.trim()))
         .collect();
@@ -469,17 +469,17 @@ mod tests {
     #[test]
     fn forwarded_for_is_honoured_only_from_trusted_peers() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let mut h = HeaderMap::new();
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("6.6.6.6, 198.51.100.7, 10.1.1.1"),
-        );
+        let h = crate::request::lines("X-Forwarded-For: 6.6.6.6, 198.51.100.7, 10.1.1.1\r\n");
         let from_lb = client_address("10.0.0.5".parse().unwrap(), &h, &trusted);
         assert_eq!(from_lb, "198.51.100.7".parse::<IpAddr>().unwrap());
         let direct = client_address("203.0.113.9".parse().unwrap(), &h, &trusted);
         assert_eq!(direct, "203.0.113.9".parse::<IpAddr>().unwrap());
         assert_eq!(
-            client_address("10.0.0.5".parse().unwrap(), &HeaderMap::new(), &trusted),
+            client_address(
+                "10.0.0.5".parse().unwrap(),
+                &RequestHeaders::default(),
+                &trusted
+            ),
             "10.0.0.5".parse::<IpAddr>().unwrap()
         );
     }

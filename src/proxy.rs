@@ -28,7 +28,7 @@ use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
 use crate::http1::ConnectionOption;
 use crate::metrics::{Metrics, method_label, status_class};
-use crate::request::{self, ClientRequest};
+use crate::request::{self, ClientRequest, RequestHeaders};
 use crate::routes::Route;
 use crate::state::{EdgeState, RequestView};
 use crate::topology::WorkerId;
@@ -540,12 +540,12 @@ impl Snapshot {
 
         // HTTP/2 carries the host in the URI; workers speak HTTP/1.1.
         if let Some(authority) = target.authority()
-            && !headers.contains_key(HOST)
+            && !headers.contains(&HOST)
             && let Ok(v) = HeaderValue::from_str(authority)
         {
-            headers.insert(HOST, v);
+            headers.append(HOST, v);
         }
-        strip_hop_by_hop(&mut headers);
+        headers.strip_hop_by_hop();
         let forwarded_for = forwarded_for(client, conn);
         // Borrowed by every attempt: a retry needs no copy of it.
         let head = Head {
@@ -752,10 +752,8 @@ where
     }
 }
 
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
+fn declared_length(headers: &RequestHeaders) -> Option<u64> {
+    std::str::from_utf8(headers.get(&CONTENT_LENGTH)?)
         .ok()?
         .trim()
         .parse()
@@ -847,6 +845,7 @@ impl Snapshot {
                 // in front of Synapse may insist on one.
                 let mut headers = HeaderMap::new();
                 headers.insert(HOST, HeaderValue::from_static("localhost"));
+                let headers = RequestHeaders::Map(headers);
                 let head = Head {
                     method: &Method::GET,
                     target: "/health",

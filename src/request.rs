@@ -6,11 +6,21 @@
 //! whose bytes both parsers accept alike is kept as it came
 //! ([`Target::Origin`]); everything else is parsed by `http` as before
 //! ([`Target::Uri`]), so the proxy sees the same target either way.
+//!
+//! Nor are an HTTP/1 request's headers put into a `HeaderMap`
+//! ([`RequestHeaders::Lines`]): the proxy looks at a few of them and passes
+//! the rest on, and building, hashing and dropping a map cost about 5% of a
+//! short request's instructions. HTTP/2 requests keep hyper's map.
+
+use std::ops::Range;
 
 use bytes::Bytes;
+use http::header::{CONNECTION, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri, Version};
+use smallvec::SmallVec;
 
 use crate::body::ClientBody;
+use crate::http1::{ConnectionOption, connection_options, is_hop_by_hop};
 
 /// One request from a client: its head, and its body still to be read.
 #[derive(Debug)]
@@ -18,7 +28,7 @@ pub struct ClientRequest {
     pub method: Method,
     pub target: Target,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: RequestHeaders,
     pub body: ClientBody,
 }
 
@@ -30,7 +40,7 @@ impl ClientRequest {
             method: parts.method,
             target: Target::Uri(parts.uri),
             version: parts.version,
-            headers: parts.headers,
+            headers: RequestHeaders::Map(parts.headers),
             body: ClientBody::H2(body),
         }
     }
@@ -92,6 +102,272 @@ impl Target {
         match self {
             Target::Origin(_) => None,
             Target::Uri(uri) => uri.authority().map(|a| a.as_str()),
+        }
+    }
+}
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// A request's headers.
+#[derive(Debug, Clone)]
+pub enum RequestHeaders {
+    /// An HTTP/1 head's header lines, in their order and spelling.
+    Lines(HeaderLines),
+    /// HTTP/2's (hyper's map), and any the edge had to add to.
+    Map(HeaderMap),
+}
+
+/// The header lines of an HTTP/1 head, as slices of it.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderLines {
+    head: Bytes,
+    /// Each line's name and value as offsets into `head`: name start and
+    /// end, value start and end. On the heap: inline, they made the request
+    /// large, and its moves cost more than the allocation.
+    spans: Vec<[u32; 4]>,
+}
+
+impl HeaderLines {
+    /// No lines yet, of a head whose `lines` lines will be `push`ed.
+    pub fn new(head: Bytes, lines: usize) -> HeaderLines {
+        HeaderLines {
+            head,
+            spans: Vec::with_capacity(lines),
+        }
+    }
+
+    /// Adds a line whose name and value lie at these places in the head.
+    /// `None` (and nothing added) if they do not lie in it.
+    pub fn push(&mut self, name: Range<usize>, value: Range<usize>) -> Option<()> {
+        let len = self.head.len();
+        if name.start > name.end || name.end > len || value.start > value.end || value.end > len {
+            return None;
+        }
+        let at = |n: usize| u32::try_from(n).ok();
+        self.spans.push([
+            at(name.start)?,
+            at(name.end)?,
+            at(value.start)?,
+            at(value.end)?,
+        ]);
+        Some(())
+    }
+
+    fn name(&self, s: &[u32; 4]) -> &[u8] {
+        self.head
+            .get(s[0] as usize..s[1] as usize)
+            .unwrap_or_default()
+    }
+
+    fn value(&self, s: &[u32; 4]) -> &[u8] {
+        self.head
+            .get(s[2] as usize..s[3] as usize)
+            .unwrap_or_default()
+    }
+
+    /// Each line's name (as the client spelled it) and value.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|s| (self.name(s), self.value(s)))
+    }
+
+    /// The values of the lines with this name, in order.
+    pub fn get_all<'a, 'n>(&'a self, name: &'n HeaderName) -> LineValues<'a, 'n> {
+        LineValues {
+            lines: self,
+            spans: self.spans.iter(),
+            wanted: name.as_str().as_bytes(),
+        }
+    }
+
+    /// The lines as a map (names lower-cased, values shared with the head).
+    fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len());
+        for s in &self.spans {
+            // Both were checked by `httparse`, whose rules for names and
+            // values are `http`'s: neither can fail.
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(self.name(s)),
+                HeaderValue::from_maybe_shared(self.head.slice(s[2] as usize..s[3] as usize)),
+            ) {
+                map.append(name, value);
+            }
+        }
+        map
+    }
+}
+
+impl From<HeaderMap> for RequestHeaders {
+    fn from(map: HeaderMap) -> RequestHeaders {
+        RequestHeaders::Map(map)
+    }
+}
+
+impl Default for RequestHeaders {
+    fn default() -> RequestHeaders {
+        RequestHeaders::Map(HeaderMap::new())
+    }
+}
+
+impl RequestHeaders {
+    /// The first value of a header.
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        match self {
+            RequestHeaders::Lines(lines) => lines.get_all(name).next(),
+            RequestHeaders::Map(map) => map.get(name).map(HeaderValue::as_bytes),
+        }
+    }
+
+    /// Every value of a header, in order.
+    pub fn get_all<'a, 'n>(&'a self, name: &'n HeaderName) -> Values<'a, 'n> {
+        match self {
+            RequestHeaders::Lines(lines) => Values::Lines(lines.get_all(name)),
+            RequestHeaders::Map(map) => Values::Map(map.get_all(name).iter()),
+        }
+    }
+
+    /// Whether the request has this header.
+    pub fn contains(&self, name: &HeaderName) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// How many header lines (values) there are.
+    pub fn len(&self) -> usize {
+        match self {
+            RequestHeaders::Lines(lines) => lines.spans.len(),
+            RequestHeaders::Map(map) => map.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each header's name and value: an HTTP/1 client's lines as they
+    /// came, a map's names lower-case.
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        match self {
+            RequestHeaders::Lines(lines) => lines.iter().for_each(|(n, v)| f(n, v)),
+            RequestHeaders::Map(map) => map
+                .iter()
+                .for_each(|(n, v)| f(n.as_str().as_bytes(), v.as_bytes())),
+        }
+    }
+
+    /// Adds a header after the others (the lines become a map first; only
+    /// an HTTP/1.0 request in absolute form without `Host` gets here).
+    pub fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        if let RequestHeaders::Lines(lines) = self {
+            *self = RequestHeaders::Map(lines.to_map());
+        }
+        if let RequestHeaders::Map(map) = self {
+            map.append(name, value);
+        }
+    }
+
+    /// A header's first value as shared bytes (the access log keeps it
+    /// past the request).
+    pub fn get_shared(&self, name: &HeaderName) -> Option<Bytes> {
+        match self {
+            RequestHeaders::Lines(lines) => {
+                let s = lines
+                    .spans
+                    .iter()
+                    .find(|s| lines.name(s).eq_ignore_ascii_case(name.as_str().as_bytes()))?;
+                lines.head.get(s[2] as usize..s[3] as usize)?;
+                Some(lines.head.slice(s[2] as usize..s[3] as usize))
+            }
+            RequestHeaders::Map(map) => Some(Bytes::copy_from_slice(map.get(name)?.as_bytes())),
+        }
+    }
+
+    /// Drops the hop-by-hop headers (`http1::is_hop_by_hop`, and those
+    /// `Connection` names), which concern the client's connection only.
+    pub fn strip_hop_by_hop(&mut self) {
+        match self {
+            RequestHeaders::Map(map) => crate::proxy::strip_hop_by_hop(map),
+            RequestHeaders::Lines(lines) => {
+                // One walk over the names; most requests have none.
+                if !lines.iter().any(|(name, _)| is_hop_by_hop(name)) {
+                    return;
+                }
+                let keep: Vec<[u32; 4]> = {
+                    let mut named: SmallVec<[&[u8]; 4]> = SmallVec::new();
+                    for value in lines.get_all(&CONNECTION) {
+                        for option in connection_options(value) {
+                            if let ConnectionOption::Names(name) = option {
+                                named.push(name);
+                            }
+                        }
+                    }
+                    let doomed = |name: &[u8]| {
+                        is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+                    };
+                    lines
+                        .spans
+                        .iter()
+                        .filter(|s| !doomed(lines.name(s)))
+                        .copied()
+                        .collect()
+                };
+                lines.spans = keep;
+            }
+        }
+    }
+}
+
+/// Header lines as an HTTP/1 head carries them, for tests: `text` is
+/// `Name: value` lines, each ended by CRLF.
+#[cfg(test)]
+pub(crate) fn lines(text: &str) -> RequestHeaders {
+    let head = Bytes::copy_from_slice(text.as_bytes());
+    let mut lines = HeaderLines::new(head.clone(), 8);
+    let mut at = 0;
+    for line in text.split_terminator("\r\n") {
+        let colon = line.find(':').expect("a colon");
+        let value = line[colon + 1..].trim_start();
+        let value_at = at + line.len() - value.len();
+        lines
+            .push(at..at + colon, value_at..value_at + value.len())
+            .expect("in the head");
+        at += line.len() + 2;
+    }
+    RequestHeaders::Lines(lines)
+}
+
+/// The values of the lines with one name.
+pub struct LineValues<'a, 'n> {
+    lines: &'a HeaderLines,
+    spans: std::slice::Iter<'a, [u32; 4]>,
+    /// The name, lower-case (a `HeaderName`'s).
+    wanted: &'n [u8],
+}
+
+impl<'a> Iterator for LineValues<'a, '_> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let lines = self.lines;
+        let wanted = self.wanted;
+        self.spans
+            .find(|s| lines.name(s).eq_ignore_ascii_case(wanted))
+            .map(|s| lines.value(s))
+    }
+}
+
+/// The values of one header, from either form.
+pub enum Values<'a, 'n> {
+    Lines(LineValues<'a, 'n>),
+    Map(http::header::ValueIter<'a, HeaderValue>),
+}
+
+impl<'a> Iterator for Values<'a, '_> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Values::Lines(it) => it.next(),
+            Values::Map(it) => it.next().map(HeaderValue::as_bytes),
         }
     }
 }
@@ -159,6 +435,49 @@ mod tests {
         assert!(matches!(absolute, Target::Uri(_)));
         assert_eq!(absolute.authority(), Some("example.org"));
         assert!(Target::http1(Bytes::from_static(b"/a<b")).is_none());
+    }
+
+    #[test]
+    fn header_lines_are_found_by_name_in_any_case_and_kept_as_spelled() {
+        let h = lines("Host: a\r\nX-A: 1\r\nx-a: 2\r\nAuthorization: Bearer t\r\n");
+        assert_eq!(h.get(&http::header::HOST), Some(&b"a"[..]));
+        let xa = HeaderName::from_static("x-a");
+        assert_eq!(h.get_all(&xa).collect::<Vec<_>>(), [&b"1"[..], &b"2"[..]]);
+        assert!(!h.contains(&http::header::CONTENT_LENGTH));
+        assert_eq!(h.len(), 4);
+        let mut seen = Vec::new();
+        h.for_each(|n, v| {
+            seen.push(format!(
+                "{}={}",
+                str::from_utf8(n).unwrap(),
+                str::from_utf8(v).unwrap()
+            ))
+        });
+        assert_eq!(seen, ["Host=a", "X-A=1", "x-a=2", "Authorization=Bearer t"]);
+        assert_eq!(
+            h.get_shared(&http::header::AUTHORIZATION).as_deref(),
+            Some(&b"Bearer t"[..])
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_lines_and_those_connection_names_are_dropped() {
+        let mut h = lines(
+            "Host: a\r\nConnection: keep-alive, X-Secret\r\nx-secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Authorization: b\r\nX-Kept: 2\r\n",
+        );
+        h.strip_hop_by_hop();
+        let mut seen = Vec::new();
+        h.for_each(|n, _| seen.push(str::from_utf8(n).unwrap().to_string()));
+        assert_eq!(seen, ["Host", "X-Kept"]);
+    }
+
+    #[test]
+    fn a_header_added_to_lines_joins_them_in_a_map() {
+        let mut h = lines("User-Agent: x\r\n");
+        h.append(http::header::HOST, HeaderValue::from_static("example.org"));
+        assert!(matches!(h, RequestHeaders::Map(_)));
+        assert_eq!(h.get(&http::header::HOST), Some(&b"example.org"[..]));
+        assert_eq!(h.get(&http::header::USER_AGENT), Some(&b"x"[..]));
     }
 
     #[test]

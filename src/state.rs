@@ -5,10 +5,11 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use http::{HeaderMap, Method};
+use http::Method;
 
 use crate::balancing::{Candidates, Health, Selector};
 use crate::config::{ConfigErrors, EdgeConfig, SynapseConfig};
+use crate::request::RequestHeaders;
 use crate::routes::{KeySource, Route, RouteTable, StickyKey};
 use crate::topology::{Topology, WorkerId, WorkerPool};
 
@@ -38,7 +39,7 @@ pub struct RequestView<'q> {
     pub method: &'q Method,
     /// The request target as sent: path and optional query.
     pub target: &'q str,
-    pub headers: &'q HeaderMap,
+    pub headers: &'q RequestHeaders,
     pub client: IpAddr,
 }
 

@@ -173,7 +173,7 @@ fn a_room_has_one_key_however_it_is_written() {
     let key_of = |t: &str| {
         let st = &s;
         let method = http::Method::GET;
-        let headers = http::HeaderMap::new();
+        let headers = synapse_edge::request::RequestHeaders::default();
         let req = synapse_edge::state::RequestView {
             method: &method,
             target: t,

@@ -280,7 +280,7 @@ async fn reloads_under_load_drop_nothing_and_move_only_the_keys_a_new_worker_tak
     let state_b = EdgeState::load(&b).unwrap();
     let owner = |s: &EdgeState, r: usize| {
         let target = format!("/_matrix/client/v3/rooms/{}/messages", room(r));
-        let headers = http::HeaderMap::new();
+        let headers = synapse_edge::request::RequestHeaders::default();
         let view = synapse_edge::state::RequestView {
             method: &http::Method::GET,
             target: &target,

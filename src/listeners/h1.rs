@@ -29,10 +29,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING,
-};
-use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, HeaderName, TRANSFER_ENCODING};
+use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -47,7 +45,7 @@ use crate::http1::{
     connection_options, make_room, poll_read_more, poll_write_slices, release,
 };
 use crate::proxy::{ClientConn, Proxy, matrix_error};
-use crate::request::{ClientRequest, Target};
+use crate::request::{ClientRequest, HeaderLines, RequestHeaders, Target};
 
 /// The HTTP/2 connection preface. A cleartext client that starts with it
 /// speaks HTTP/2 from its first byte (h2c with prior knowledge).
@@ -627,7 +625,7 @@ struct ParsedHead {
     method: Method,
     target: Target,
     version: Version,
-    headers: HeaderMap,
+    headers: RequestHeaders,
     /// How the body is framed; `None`: no body.
     body: Option<BodyFraming>,
     keep_alive: bool,
@@ -725,37 +723,36 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // The proxy adds nothing to an HTTP/1 request's map (X-Forwarded-For
-    // and -Proto are written with the worker's head), so this is its size.
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // The lines as they came, slices of the head: no map is built (the
+    // proxy looks at a few and passes the rest on).
+    let mut lines = HeaderLines::new(head.clone(), req.headers.len());
     // What the connection's own headers say, read on the way (a name
-    // compare each) rather than looked up in the map afterwards (a hash and
-    // a probe each, five per request, mostly for headers not there).
+    // compare each) rather than looked up afterwards.
     let (mut hosts, mut framed, mut close, mut keep) = (0, false, false, false);
     // The first `Expect`: whether it asks for `100-continue`.
     let mut expect: Option<bool> = None;
     for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Refusal::bad("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(slice(h.value))
-            .map_err(|_| Refusal::bad("invalid header value"))?;
-        if name == HOST {
+        let name = h.name.as_bytes();
+        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
+        if is(&HOST) {
             hosts += 1;
-        } else if name == TRANSFER_ENCODING || name == CONTENT_LENGTH {
+        } else if is(&TRANSFER_ENCODING) || is(&CONTENT_LENGTH) {
             // Judged together once all are in (`body_framing`).
             framed = true;
-        } else if name == CONNECTION {
-            for option in connection_options(value.as_bytes()) {
+        } else if is(&CONNECTION) {
+            for option in connection_options(h.value) {
                 close |= option == ConnectionOption::Close;
                 keep |= option == ConnectionOption::KeepAlive;
             }
-        } else if name == EXPECT && expect.is_none() {
-            expect = Some(value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        } else if is(&EXPECT) && expect.is_none() {
+            expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
         }
-        headers
-            .try_append(name, value)
-            .map_err(|_| Refusal::TOO_MANY_HEADERS)?;
+        // `httparse` checked names and values by `http`'s own rules.
+        lines
+            .push(offset_in(buf, name), offset_in(buf, h.value))
+            .ok_or(Refusal::HEAD_TOO_LARGE)?;
     }
+    let headers = RequestHeaders::Lines(lines);
     if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
         return Err(Refusal::bad(
             "an HTTP/1.1 request needs exactly one Host header",
@@ -804,31 +801,28 @@ fn offset_in(buf: &[u8], part: &[u8]) -> Range<usize> {
 
 /// How the request body is framed (RFC 9112 section 6), refusing every
 /// ambiguous case instead of guessing.
-fn body_framing(headers: &HeaderMap, version: Version) -> Result<Option<BodyFraming>, Refusal> {
-    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+fn body_framing(
+    headers: &RequestHeaders,
+    version: Version,
+) -> Result<Option<BodyFraming>, Refusal> {
+    let mut codings = headers.get_all(&TRANSFER_ENCODING);
     if let Some(coding) = codings.next() {
         if version == Version::HTTP_10 {
             return Err(Refusal::bad("Transfer-Encoding is not allowed in HTTP/1.0"));
         }
-        if headers.contains_key(CONTENT_LENGTH) {
+        if headers.contains(&CONTENT_LENGTH) {
             return Err(Refusal::bad(
                 "a request may not have both Transfer-Encoding and Content-Length",
             ));
         }
-        if codings.next().is_some()
-            || !coding
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked")
-        {
+        if codings.next().is_some() || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             return Err(Refusal::CODING);
         }
         return Ok(Some(BodyFraming::Chunked(ChunkState::Size)));
     }
     let mut length: Option<u64> = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let n = parse_length(value.as_bytes())
-            .ok_or(Refusal::bad("Content-Length must be one number"))?;
+    for value in headers.get_all(&CONTENT_LENGTH) {
+        let n = parse_length(value).ok_or(Refusal::bad("Content-Length must be one number"))?;
         if length.is_some_and(|l| l != n) {
             return Err(Refusal::bad("conflicting Content-Length headers"));
         }
@@ -1115,7 +1109,10 @@ mod tests {
             h.target.path_and_query(),
             Some("/_matrix/client/versions?x=1")
         );
-        assert_eq!(h.headers.get("x-a").unwrap(), "b");
+        assert_eq!(
+            h.headers.get(&HeaderName::from_static("x-a")),
+            Some(&b"b"[..])
+        );
         assert_eq!(h.body, None);
         assert!(h.keep_alive);
         assert!(!h.expect_continue);

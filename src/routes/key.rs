@@ -4,8 +4,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use crate::request::RequestHeaders;
 use base64::Engine;
-use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use serde::{Deserialize, Serialize};
 
@@ -96,7 +96,7 @@ impl StickyKey<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct KeySource<'a> {
     pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a RequestHeaders,
     pub client: IpAddr,
 }
 
@@ -117,19 +117,17 @@ pub fn user_key<'a>(src: &KeySource<'a>) -> StickyKey<'a> {
 /// client address.
 pub fn origin_key<'a>(src: &KeySource<'a>) -> StickyKey<'a> {
     src.headers
-        .get_all(AUTHORIZATION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .get_all(&AUTHORIZATION)
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .find_map(x_matrix_origin)
         .map(StickyKey::Origin)
         .unwrap_or(StickyKey::ClientAddr(src.client))
 }
 
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+fn bearer_token(headers: &RequestHeaders) -> Option<&str> {
     headers
-        .get_all(AUTHORIZATION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .get_all(&AUTHORIZATION)
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .find_map(|v| strip_scheme(v, "Bearer"))
 }
 
@@ -193,9 +191,9 @@ fn x_matrix_origin(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use crate::request::lines;
 
-    fn src<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> KeySource<'a> {
+    fn src<'a>(headers: &'a RequestHeaders, query: Option<&'a str>) -> KeySource<'a> {
         KeySource {
             query,
             headers,
@@ -205,13 +203,9 @@ mod tests {
 
     #[test]
     fn syt_token_in_header_or_query_gives_the_same_user() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            AUTHORIZATION,
-            HeaderValue::from_static("Bearer syt_YWxpY2U_aBcDeFgHiJkLmNoPqRsT_0a1b2c"),
-        );
+        let h = lines("Authorization: Bearer syt_YWxpY2U_aBcDeFgHiJkLmNoPqRsT_0a1b2c\r\n");
         let from_header = user_key(&src(&h, None));
-        let empty = HeaderMap::new();
+        let empty = lines("");
         let from_query = user_key(&src(
             &empty,
             Some("since=s1&access_token=syt_YWxpY2U_ZZZZZZZZZZZZZZZZZZZZ_0a1b2d"),
@@ -223,18 +217,14 @@ mod tests {
 
     #[test]
     fn header_token_wins_over_query_and_scheme_is_case_insensitive() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            AUTHORIZATION,
-            HeaderValue::from_static("bearer   syt_Ym9i_x_y"),
-        );
+        let h = lines("authorization: bearer   syt_Ym9i_x_y\r\n");
         let k = user_key(&src(&h, Some("access_token=syt_YWxpY2U_x_y")));
         assert_eq!(k, StickyKey::UserLocalpart("Ym9i"));
     }
 
     #[test]
     fn other_tokens_hash_whole_and_no_token_uses_client_address() {
-        let h = HeaderMap::new();
+        let h = lines("");
         let k = user_key(&src(&h, Some("access_token=mas_abcdef")));
         assert_eq!(k, StickyKey::Token("mas_abcdef"));
         assert!(
@@ -247,27 +237,27 @@ mod tests {
 
     #[test]
     fn x_matrix_origin_quoted_or_not() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            AUTHORIZATION,
-            HeaderValue::from_static(
-                r#"X-Matrix origin="remote.example",destination="us.example",key="ed25519:a",sig="c2ln""#,
-            ),
+        let h = lines(
+            "Authorization: X-Matrix origin=\"remote.example\",destination=\"us.example\",key=\"ed25519:a\",sig=\"c2ln\"\r\n",
         );
         assert_eq!(
             origin_key(&src(&h, None)),
             StickyKey::Origin("remote.example")
         );
-        let mut h = HeaderMap::new();
-        h.insert(
+        // From hyper's map (an HTTP/2 request) as well.
+        let mut map = http::HeaderMap::new();
+        map.insert(
             AUTHORIZATION,
-            HeaderValue::from_static("X-Matrix key=\"ed25519:a\", Origin=other.example,sig=x"),
+            http::HeaderValue::from_static(
+                "X-Matrix key=\"ed25519:a\", Origin=other.example,sig=x",
+            ),
         );
+        let h = RequestHeaders::from(map);
         assert_eq!(
             origin_key(&src(&h, None)),
             StickyKey::Origin("other.example")
         );
-        let empty = HeaderMap::new();
+        let empty = lines("");
         assert!(matches!(
             origin_key(&src(&empty, None)),
             StickyKey::ClientAddr(_)

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, EXPECT, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,6 +23,7 @@ use crate::http1::{
     ANSWER_BODY_READ, BodyFraming, ChunkState, ConnectionOption, Cursor, Malformed,
     connection_options, is_hop_by_hop, poll_write_slices,
 };
+use crate::request::{RequestHeaders, X_FORWARDED_FOR, X_FORWARDED_PROTO};
 
 /// The most header lines an answer may have.
 const MAX_HEADERS: usize = 128;
@@ -147,8 +148,8 @@ pub enum RequestFraming {
 
 impl RequestFraming {
     /// Decides from the client's headers and whether its body already ended.
-    pub fn of(headers: &HeaderMap, body_ended: bool) -> RequestFraming {
-        if headers.contains_key(CONTENT_LENGTH) {
+    pub fn of(headers: &RequestHeaders, body_ended: bool) -> RequestFraming {
+        if headers.contains(&CONTENT_LENGTH) {
             RequestFraming::Length
         } else if body_ended {
             RequestFraming::Empty
@@ -157,9 +158,6 @@ impl RequestFraming {
         }
     }
 }
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The client's address and scheme as the edge tells its workers. Written
 /// with the head in place of any the client sent, rather than inserted
@@ -179,7 +177,7 @@ pub struct Forwarded<'a> {
 pub fn encode_head(
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    headers: &RequestHeaders,
     forwarded: Option<Forwarded<'_>>,
     framing: RequestFraming,
 ) -> Vec<u8> {
@@ -188,18 +186,19 @@ pub fn encode_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name == http::header::EXPECT
-            || name == TRANSFER_ENCODING
-            || (forwarded.is_some() && (name == X_FORWARDED_FOR || name == X_FORWARDED_PROTO))
+    let is = |name: &[u8], n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
+    headers.for_each(|name, value| {
+        if is(name, &EXPECT)
+            || is(name, &TRANSFER_ENCODING)
+            || (forwarded.is_some() && (is(name, &X_FORWARDED_FOR) || is(name, &X_FORWARDED_PROTO)))
         {
-            continue;
+            return;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
-    }
+    });
     if let Some(f) = forwarded {
         out.extend_from_slice(b"x-forwarded-for: ");
         out.extend_from_slice(f.client.as_bytes());
@@ -695,21 +694,26 @@ Set-Cookie: b=2\r\nDate: d\r\nContent-Length: 2\r\n\r\n{}";
 
     #[test]
     fn request_heads_carry_the_framing_the_body_needs() {
-        let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("example.org"));
-        h.insert("expect", HeaderValue::from_static("100-continue"));
+        // An HTTP/1 client's lines go on as it spelled them.
+        let h = crate::request::lines("Host: example.org\r\nExpect: 100-continue\r\n");
         let text = |f| String::from_utf8(encode_head(&Method::PUT, "/a?b", &h, None, f)).unwrap();
         assert_eq!(
             text(RequestFraming::Empty),
-            "PUT /a?b HTTP/1.1\r\nhost: example.org\r\ncontent-length: 0\r\n\r\n"
+            "PUT /a?b HTTP/1.1\r\nHost: example.org\r\ncontent-length: 0\r\n\r\n"
         );
         assert_eq!(
             text(RequestFraming::Chunked),
-            "PUT /a?b HTTP/1.1\r\nhost: example.org\r\ntransfer-encoding: chunked\r\n\r\n"
+            "PUT /a?b HTTP/1.1\r\nHost: example.org\r\ntransfer-encoding: chunked\r\n\r\n"
         );
-        // The edge's forwarding lines replace the client's, in any case.
-        h.insert("X-Forwarded-For", HeaderValue::from_static("6.6.6.6"));
-        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        // The edge's forwarding lines replace the client's, in any case,
+        // from lines or from a map (HTTP/2).
+        let h = crate::request::lines(
+            "Host: example.org\r\nX-Forwarded-For: 6.6.6.6\r\nx-forwarded-PROTO: https\r\n",
+        );
+        let mut map = http::HeaderMap::new();
+        map.insert("host", HeaderValue::from_static("example.org"));
+        map.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        let from_map = crate::request::RequestHeaders::from(map);
         let peer = HeaderValue::from_static("192.0.2.7");
         let forwarded = Forwarded {
             client: &peer,
@@ -719,6 +723,18 @@ Set-Cookie: b=2\r\nDate: d\r\nContent-Length: 2\r\n\r\n{}";
             &Method::GET,
             "/",
             &h,
+            Some(forwarded),
+            RequestFraming::Empty,
+        );
+        assert_eq!(
+            String::from_utf8(wire).unwrap(),
+            "GET / HTTP/1.1\r\nHost: example.org\r\n\
+             x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+        let wire = encode_head(
+            &Method::GET,
+            "/",
+            &from_map,
             Some(forwarded),
             RequestFraming::Empty,
         );

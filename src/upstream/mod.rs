@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::{HeaderMap, Method, Response};
+use http::{Method, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
@@ -29,6 +29,7 @@ use crate::body::RequestBody;
 use crate::config::{Endpoint, UpstreamPool};
 use crate::http1::{self, BodyFraming, Decoded};
 use crate::metrics::Metrics;
+use crate::request::RequestHeaders;
 use crate::topology::{Topology, WorkerId};
 use h1::{AnswerError, Conn, RequestFraming};
 
@@ -204,7 +205,7 @@ pub struct Head<'a> {
     pub method: &'a Method,
     /// The request target exactly as the client sent it.
     pub target: &'a str,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a RequestHeaders,
     /// The `X-Forwarded-For` and `-Proto` the worker gets, in place of any
     /// in `headers`.
     pub forwarded: Option<h1::Forwarded<'a>>,

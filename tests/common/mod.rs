@@ -85,10 +85,11 @@ pub fn route_with(
             HeaderValue::from_str(v).expect("header value"),
         );
     }
+    let headers = synapse_edge::request::RequestHeaders::from(map);
     let req = RequestView {
         method: &method,
         target,
-        headers: &map,
+        headers: &headers,
         client: "203.0.113.9".parse().expect("addr"),
     };
     let d = state.decide(&req, health);
