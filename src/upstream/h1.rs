@@ -13,7 +13,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, EXPECT, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
 use smallvec::SmallVec;
@@ -424,22 +424,11 @@ fn parse_head(
     let code = parsed.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| AnswerError::Invalid("bad status code"))?;
     let http10 = parsed.version == Some(0);
-    // Names and values point into the head: keep them as offsets into it
-    // (a head is at most MAX_HEAD long).
-    let start = buf.as_ptr() as usize;
-    let mut spans: SmallVec<[[u32; 4]; 24]> = SmallVec::new();
-    for h in parsed.headers.iter() {
-        let name = h.name.as_ptr() as usize - start;
-        let value = h.value.as_ptr() as usize - start;
-        spans.push([name, name + h.name.len(), value, value + h.value.len()].map(|n| n as u32));
-    }
-    let head = buf.split_to(len).freeze();
-    let name_of = |s: &[u32; 4]| &head[s[0] as usize..s[1] as usize];
-    let value_of = |s: &[u32; 4]| &head[s[2] as usize..s[3] as usize];
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(AnswerError::Invalid("unexpected protocol switch"));
         }
+        buf.advance(len);
         return Ok(Some(AnswerHead {
             status,
             headers: HeaderMap::new(),
@@ -448,15 +437,30 @@ fn parse_head(
             keep_alive: true,
         }));
     }
+    let bodiless = *request_method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    // Names and values point into the head: they are kept as offsets into
+    // it (a head is at most MAX_HEAD long).
+    let start = buf.as_ptr() as usize;
+    let span = |h: &httparse::Header<'_>| {
+        let name = h.name.as_ptr() as usize - start;
+        let value = h.value.as_ptr() as usize - start;
+        [name, name + h.name.len(), value, value + h.value.len()].map(|n| n as u32)
+    };
+    // The lines an HTTP/1 client gets, gathered in the same walk as the
+    // framing (the edge writes its own framing for its own connection).
+    let mut passed: Option<(SmallVec<[[u32; 4]; 16]>, bool)> =
+        (wanted == AnswerHeaders::Lines && !bodiless).then(|| (SmallVec::new(), false));
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut encoded = false;
     let mut keep_alive = !http10;
     // Whether `Connection` names headers that must not be passed on.
     let mut names_headers = false;
-    for s in &spans {
-        let (name, value) = (name_of(s), value_of(s));
-        if name.eq_ignore_ascii_case(b"content-length") {
+    for h in parsed.headers.iter() {
+        let (name, value) = (h.name.as_bytes(), h.value);
+        let framing = if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(value)
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
@@ -465,6 +469,7 @@ fn parse_head(
                 return Err(AnswerError::Invalid("conflicting content-length"));
             }
             length = Some(n);
+            true
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
             // Chunked must be the last coding applied.
@@ -472,19 +477,27 @@ fn parse_head(
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for option in connection_options(value) {
-                match option {
-                    ConnectionOption::Close => keep_alive = false,
-                    ConnectionOption::KeepAlive => keep_alive |= http10,
-                    ConnectionOption::Names(_) => names_headers = true,
+            true
+        } else {
+            if name.eq_ignore_ascii_case(b"connection") {
+                for option in connection_options(value) {
+                    match option {
+                        ConnectionOption::Close => keep_alive = false,
+                        ConnectionOption::KeepAlive => keep_alive |= http10,
+                        ConnectionOption::Names(_) => names_headers = true,
+                    }
                 }
             }
+            false
+        };
+        if let Some((lines, has_date)) = &mut passed
+            && !framing
+            && !is_hop_by_hop(name)
+        {
+            *has_date |= name.eq_ignore_ascii_case(b"date");
+            lines.push(span(h));
         }
     }
-    let bodiless = *request_method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
     let framing = if bodiless {
         BodyFraming::Length(0)
     } else if encoded {
@@ -501,40 +514,41 @@ fn parse_head(
     if framing == BodyFraming::UntilClose {
         keep_alive = false;
     }
-    let (headers, lines) = if wanted == AnswerHeaders::Lines && !bodiless && !names_headers {
-        // The edge writes its own framing for its own connection.
-        let lines: SmallVec<[[u32; 4]; 16]> = spans
-            .iter()
-            .filter(|&s| {
-                let name = name_of(s);
-                !is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"content-length")
-            })
-            .copied()
-            .collect();
-        let has_date = lines
-            .iter()
-            .any(|s| name_of(s).eq_ignore_ascii_case(b"date"));
-        let passed = PassedLines {
-            head,
-            lines,
-            has_date,
-        };
-        (HeaderMap::new(), Some(Box::new(passed)))
-    } else {
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        for s in &spans {
-            let name = HeaderName::from_bytes(name_of(s))
-                .map_err(|_| AnswerError::Invalid("bad header name"))?;
-            // RFC 9112 6.3: Transfer-Encoding wins over Content-Length,
-            // which must then not be passed on.
-            if encoded && name == CONTENT_LENGTH {
-                continue;
-            }
-            let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
-                .map_err(|_| AnswerError::Invalid("bad header value"))?;
-            headers.append(name, value);
+    // A `Connection` naming other headers: those go too, which the map's
+    // stripping sees to.
+    let passed = passed.filter(|_| !names_headers);
+    // Only the map form needs every line.
+    let spans: SmallVec<[[u32; 4]; 24]> = match passed {
+        Some(_) => SmallVec::new(),
+        None => parsed.headers.iter().map(span).collect(),
+    };
+    let head = buf.split_to(len).freeze();
+    let (headers, lines) = match passed {
+        Some((lines, has_date)) => {
+            let passed = PassedLines {
+                head,
+                lines,
+                has_date,
+            };
+            (HeaderMap::new(), Some(Box::new(passed)))
         }
-        (headers, None)
+        None => {
+            let mut headers = HeaderMap::with_capacity(spans.len());
+            for s in &spans {
+                let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize])
+                    .map_err(|_| AnswerError::Invalid("bad header name"))?;
+                // RFC 9112 6.3: Transfer-Encoding wins over Content-Length,
+                // which must then not be passed on.
+                if encoded && name == CONTENT_LENGTH {
+                    continue;
+                }
+                let value =
+                    HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
+                        .map_err(|_| AnswerError::Invalid("bad header value"))?;
+                headers.append(name, value);
+            }
+            (headers, None)
+        }
     };
     Ok(Some(AnswerHead {
         status,
