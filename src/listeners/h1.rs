@@ -29,7 +29,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, HeaderName, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use smallvec::SmallVec;
@@ -726,26 +726,30 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
     // The lines as they came, slices of the head: no map is built (the
     // proxy looks at a few and passes the rest on).
     let mut lines = HeaderLines::new(head.clone(), req.headers.len());
-    // What the connection's own headers say, read on the way (a name
-    // compare each) rather than looked up afterwards.
-    let (mut hosts, mut framed, mut close, mut keep) = (0, false, false, false);
+    // What the connection's own headers say, read on the way (a compare
+    // of the name's length, then of its bytes) rather than looked up
+    // afterwards.
+    let (mut hosts, mut close, mut keep) = (0, false, false);
+    let mut framing = FramingLines::default();
     // The first `Expect`: whether it asks for `100-continue`.
     let mut expect: Option<bool> = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
-        if is(&HOST) {
-            hosts += 1;
-        } else if is(&TRANSFER_ENCODING) || is(&CONTENT_LENGTH) {
-            // Judged together once all are in (`body_framing`).
-            framed = true;
-        } else if is(&CONNECTION) {
-            for option in connection_options(h.value) {
-                close |= option == ConnectionOption::Close;
-                keep |= option == ConnectionOption::KeepAlive;
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            4 if is(b"host") => hosts += 1,
+            6 if is(b"expect") && expect.is_none() => {
+                expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
             }
-        } else if is(&EXPECT) && expect.is_none() {
-            expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
+            10 if is(b"connection") => {
+                for option in connection_options(h.value) {
+                    close |= option == ConnectionOption::Close;
+                    keep |= option == ConnectionOption::KeepAlive;
+                }
+            }
+            14 if is(b"content-length") => framing.length(h.value),
+            17 if is(b"transfer-encoding") => framing.coding(h.value),
+            _ => {}
         }
         // `httparse` checked names and values by `http`'s own rules.
         lines
@@ -758,11 +762,7 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(ParsedHead, usiz
             "an HTTP/1.1 request needs exactly one Host header",
         ));
     }
-    let body = if framed {
-        body_framing(&headers, version)?
-    } else {
-        None
-    };
+    let body = framing.judge(version)?;
     let keep_alive = match version {
         Version::HTTP_10 => keep && !close,
         _ => !close,
@@ -799,36 +799,64 @@ fn offset_in(buf: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
-/// How the request body is framed (RFC 9112 section 6), refusing every
-/// ambiguous case instead of guessing.
-fn body_framing(
-    headers: &RequestHeaders,
-    version: Version,
-) -> Result<Option<BodyFraming>, Refusal> {
-    let mut codings = headers.get_all(&TRANSFER_ENCODING);
-    if let Some(coding) = codings.next() {
-        if version == Version::HTTP_10 {
-            return Err(Refusal::bad("Transfer-Encoding is not allowed in HTTP/1.0"));
+/// A request's framing headers, gathered line by line as the head is read
+/// and judged together at its end (RFC 9112 section 6): every ambiguous
+/// case is refused instead of guessed at.
+#[derive(Default)]
+struct FramingLines<'a> {
+    /// `Transfer-Encoding` lines, and the first one's value.
+    codings: usize,
+    coding: &'a [u8],
+    /// `Content-Length` lines, the length they agree on, and the first
+    /// problem with them.
+    lengths: usize,
+    length: Option<u64>,
+    bad_length: Option<&'static str>,
+}
+
+impl<'a> FramingLines<'a> {
+    fn coding(&mut self, value: &'a [u8]) {
+        if self.codings == 0 {
+            self.coding = value;
         }
-        if headers.contains(&CONTENT_LENGTH) {
-            return Err(Refusal::bad(
-                "a request may not have both Transfer-Encoding and Content-Length",
-            ));
-        }
-        if codings.next().is_some() || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            return Err(Refusal::CODING);
-        }
-        return Ok(Some(BodyFraming::Chunked(ChunkState::Size)));
+        self.codings += 1;
     }
-    let mut length: Option<u64> = None;
-    for value in headers.get_all(&CONTENT_LENGTH) {
-        let n = parse_length(value).ok_or(Refusal::bad("Content-Length must be one number"))?;
-        if length.is_some_and(|l| l != n) {
-            return Err(Refusal::bad("conflicting Content-Length headers"));
+
+    fn length(&mut self, value: &[u8]) {
+        self.lengths += 1;
+        if self.bad_length.is_some() {
+            return;
         }
-        length = Some(n);
+        match parse_length(value) {
+            None => self.bad_length = Some("Content-Length must be one number"),
+            Some(n) if self.length.is_some_and(|l| l != n) => {
+                self.bad_length = Some("conflicting Content-Length headers");
+            }
+            Some(n) => self.length = Some(n),
+        }
     }
-    Ok(length.map(BodyFraming::Length))
+
+    /// How the body is framed; `None`: no body.
+    fn judge(self, version: Version) -> Result<Option<BodyFraming>, Refusal> {
+        if self.codings > 0 {
+            if version == Version::HTTP_10 {
+                return Err(Refusal::bad("Transfer-Encoding is not allowed in HTTP/1.0"));
+            }
+            if self.lengths > 0 {
+                return Err(Refusal::bad(
+                    "a request may not have both Transfer-Encoding and Content-Length",
+                ));
+            }
+            if self.codings > 1 || !self.coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(Refusal::CODING);
+            }
+            return Ok(Some(BodyFraming::Chunked(ChunkState::Size)));
+        }
+        if let Some(why) = self.bad_length {
+            return Err(Refusal::bad(why));
+        }
+        Ok(self.length.map(BodyFraming::Length))
+    }
 }
 
 /// Digits only: no sign, no spaces, no list.
@@ -1110,7 +1138,7 @@ mod tests {
             Some("/_matrix/client/versions?x=1")
         );
         assert_eq!(
-            h.headers.get(&HeaderName::from_static("x-a")),
+            h.headers.get(&http::HeaderName::from_static("x-a")),
             Some(&b"b"[..])
         );
         assert_eq!(h.body, None);
