@@ -28,9 +28,9 @@ use crate::front::{self, ListenerRole, Traffic};
 use crate::health::{HealthTable, Transition};
 use crate::http1::ConnectionOption;
 use crate::metrics::{Metrics, method_label, status_class};
-use crate::request::{self, ClientRequest, RequestHeaders};
+use crate::request::{ClientRequest, RequestHeaders};
 use crate::routes::Route;
-use crate::state::{EdgeState, RequestView};
+use crate::state::{EdgeState, RequestView, split_target};
 use crate::topology::WorkerId;
 use crate::topology::WorkerPool;
 use crate::upstream::h1::{AnswerHeaders, Forwarded};
@@ -460,7 +460,7 @@ impl Snapshot {
         if role.redirect_https {
             return front::redirect_or_challenge(role, pq, &headers);
         }
-        let path = request::path_of(pq);
+        let (path, _) = split_target(pq);
         if let Some(r) = edge.well_known.answer(path) {
             return r;
         }
