@@ -519,6 +519,7 @@ mod tests {
             target: Target::http1(bytes::Bytes::copy_from_slice(target.as_bytes())).unwrap(),
             version: Version::HTTP_11,
             headers,
+            length: None,
             body: crate::body::ClientBody::Empty,
         };
         let done = Outcome {

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
-    STRICT_TRANSPORT_SECURITY,
+    CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER, STRICT_TRANSPORT_SECURITY,
 };
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use prometheus::{IntCounter, IntGauge};
@@ -21,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::access_log::{self, Outcome, RequestFacts};
 use crate::balancing::Health;
-use crate::body::{BodyProgress, ClientBody, RequestBody, ResponseBody, Tap, Unsent};
+use crate::body::{BodyProgress, RequestBody, ResponseBody, Tap, Unsent};
 use crate::config::Timeouts;
 use crate::conn_timer::ConnTimer;
 use crate::front::{self, ListenerRole, Traffic};
@@ -444,6 +443,7 @@ impl Snapshot {
             target,
             version,
             mut headers,
+            length,
             body,
         } = req;
         let Some(pq) = target.path_and_query() else {
@@ -481,10 +481,7 @@ impl Snapshot {
             tracing::info!(%client, path, "admin API refused");
             return r;
         }
-        // An HTTP/1 request with no body has no length worth looking up.
-        if !matches!(body, ClientBody::Empty)
-            && declared_length(&headers).is_some_and(|n| n > self.max_body)
-        {
+        if length.is_some_and(|n| n > self.max_body) {
             tracing::info!(
                 path,
                 limit = self.max_body,
@@ -750,14 +747,6 @@ where
         }
         std::task::Poll::Pending
     }
-}
-
-fn declared_length(headers: &RequestHeaders) -> Option<u64> {
-    std::str::from_utf8(headers.get(&CONTENT_LENGTH)?)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 fn too_large(limit: u64) -> Response<ResponseBody> {

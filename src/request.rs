@@ -29,6 +29,10 @@ pub struct ClientRequest {
     pub target: Target,
     pub version: Version,
     pub headers: RequestHeaders,
+    /// The body's declared length (`Content-Length`), as the listener read
+    /// it: the HTTP/1 server while judging the body's framing, so that the
+    /// proxy's size limit does not look it up and parse it again.
+    pub length: Option<u64>,
     pub body: ClientBody,
 }
 
@@ -40,10 +44,18 @@ impl ClientRequest {
             method: parts.method,
             target: Target::Uri(parts.uri),
             version: parts.version,
+            length: declared_length(&parts.headers),
             headers: RequestHeaders::Map(parts.headers),
             body: ClientBody::H2(body),
         }
     }
+}
+
+/// An HTTP/2 request's `Content-Length` (`h2` has refused the stream if
+/// it is not a number).
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(http::header::CONTENT_LENGTH)?;
+    value.to_str().ok()?.trim().parse().ok()
 }
 
 /// The request target.

@@ -244,6 +244,27 @@ async fn an_oversized_body_gets_413_and_never_reaches_the_worker() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["errcode"], "M_TOO_LARGE");
+    // Declared too large over HTTP/2: refused from its `content-length`.
+    let before = media.stats.requests();
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = h2
+        .request(
+            Request::post(format!("{}/_matrix/media/v3/upload", h.base))
+                .header("content-length", "2000000")
+                .body(Full::new(Bytes::from(vec![7u8; 2_000_000])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        media.stats.requests(),
+        before,
+        "the worker saw the oversized HTTP/2 request"
+    );
 }
 
 #[tokio::test]

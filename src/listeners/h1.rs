@@ -411,11 +411,16 @@ fn into_request<I: ClientIo>(head: ParsedHead, conn: &Arc<SharedConn<I>>) -> Cli
         _ => ClientBody::H1(ConnBody { conn: conn.clone() }),
     };
     drop(s);
+    let length = match head.body {
+        Some(BodyFraming::Length(n)) => Some(n),
+        _ => None,
+    };
     ClientRequest {
         method: head.method,
         target: head.target,
         version: head.version,
         headers: head.headers,
+        length,
         body,
     }
 }
