@@ -549,6 +549,7 @@ impl Snapshot {
             method: &method,
             target: pq,
             headers: &headers,
+            length,
             forwarded: Some(Forwarded {
                 client: &forwarded_for,
                 proto: conn.scheme,
@@ -839,6 +840,7 @@ impl Snapshot {
                     method: &Method::GET,
                     target: "/health",
                     headers: &headers,
+                    length: None,
                     forwarded: None,
                     answer_headers: AnswerHeaders::Map,
                 };

@@ -268,6 +268,43 @@ async fn an_oversized_body_gets_413_and_never_reaches_the_worker() {
 }
 
 #[tokio::test]
+async fn a_body_reaches_the_worker_framed_as_the_client_declared_it() {
+    let h = Harness::start("").await;
+    let target = format!("/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1");
+    // HTTP/1 with a Content-Length: passed on with it, never chunked.
+    let a = h.send("PUT", &target, &[], b"hello world").await;
+    let seen = a.json();
+    assert_eq!(seen["headers"]["content-length"], "11");
+    assert!(
+        seen["headers"].get("transfer-encoding").is_none(),
+        "a body of declared length was chunked: {seen}"
+    );
+    assert_eq!(seen["body_bytes"], 11);
+    // HTTP/2 without a length: chunked to the worker, which speaks HTTP/1.1.
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = (0..3)
+        .map(|_| Ok(hyper::body::Frame::data(Bytes::from_static(b"0123456789"))))
+        .collect();
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+    let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = client
+        .request(
+            Request::put(format!("{}{target}", h.base))
+                .body(body)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["headers"]["transfer-encoding"], "chunked");
+    assert!(seen["headers"].get("content-length").is_none(), "{seen}");
+    assert_eq!(seen["body_bytes"], 30);
+}
+
+#[tokio::test]
 async fn a_missing_worker_socket_gets_502_in_matrix_form() {
     let mut h = Harness::start("").await;
     h.standins.retain(|s| s.name != "media1"); // stops it and removes its socket

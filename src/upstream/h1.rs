@@ -147,9 +147,10 @@ pub enum RequestFraming {
 }
 
 impl RequestFraming {
-    /// Decides from the client's headers and whether its body already ended.
-    pub fn of(headers: &RequestHeaders, body_ended: bool) -> RequestFraming {
-        if headers.contains(&CONTENT_LENGTH) {
+    /// Decides from the length the client declared (its `Content-Length`,
+    /// passed on with its headers) and whether its body already ended.
+    pub fn of(declared: Option<u64>, body_ended: bool) -> RequestFraming {
+        if declared.is_some() {
             RequestFraming::Length
         } else if body_ended {
             RequestFraming::Empty

@@ -206,6 +206,8 @@ pub struct Head<'a> {
     /// The request target exactly as the client sent it.
     pub target: &'a str,
     pub headers: &'a RequestHeaders,
+    /// The body's length as the client declared it (`ClientRequest::length`).
+    pub length: Option<u64>,
     /// The `X-Forwarded-For` and `-Proto` the worker gets, in place of any
     /// in `headers`.
     pub forwarded: Option<h1::Forwarded<'a>>,
@@ -291,7 +293,7 @@ async fn send_request(
     let failed = |what: &str, e: &dyn std::fmt::Display| -> ExchangeError {
         (UpstreamError::Failed(format!("{what}: {e}")), None)
     };
-    let framing = RequestFraming::of(head.headers, body.is_end_stream());
+    let framing = RequestFraming::of(head.length, body.is_end_stream());
     let encoded = h1::encode_head(
         head.method,
         head.target,
