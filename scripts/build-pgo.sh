@@ -97,6 +97,11 @@ cleanup # the demo's stand-ins too, before the long build
 echo "build-pgo: 3/4 merging the profile" >&2
 "$PROFDATA" merge -o "$OUT/edge.profdata" "$OUT"/raw/*.profraw
 
+# The instrumented build and the training's files are spent. On CI (a
+# clean clone) free their room for the optimised build; kept elsewhere so
+# that the next run rebuilds only what changed.
+if [ -n "${CI:-}" ]; then rm -rf "$OUT/gen" "$OUT/train" "$OUT/discard" "$OUT/raw"; fi
+
 echo "build-pgo: 4/4 optimised build" >&2
 RUSTFLAGS="-Cprofile-use=$OUT/edge.profdata" \
   cargo build --release --locked --quiet --bin synapse-edge --target-dir "$OUT/use"
