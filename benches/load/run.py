@@ -497,7 +497,7 @@ def long_polls(name, port, pids, run):
     return r
 
 
-def upload(name, port, pids, blob, tries=7):
+def upload(name, port, pids, blob, tries=7, proto="http"):
     """The median of seven 50 MiB uploads: on this machine the edge's times
     fall in two groups (about 0.016 s, and 0.02 to 0.04 s in a fifth to a
     third of the tries), so that the median of three was at their mercy.
@@ -505,16 +505,19 @@ def upload(name, port, pids, blob, tries=7):
     end: not the few tens of ms it takes to start curl, which had been in
     every figure alike until the eleventh session and pulled every ratio
     towards 1. The worker (a stand-in that reads the whole body before it
-    answers) says how many bytes reached it and their hash."""
+    answers) says how many bytes reached it and their hash. proto: "http",
+    "https" (HTTP/1.1 over TLS) or "h2" (HTTP/2 over TLS, by ALPN)."""
+    scheme, flags = {"http": ("http", []), "https": ("https", ["-k", "--http1.1"]),
+                     "h2": ("https", ["-k", "--http2"])}[proto]
     runs = []
     answer = blob.with_name(f"upload-answer-{name}.json")
     for _ in range(tries):
         reset_peak(pids)
         base = status_kib(pids, "VmRSS")
         t0 = time.time()
-        out = sh(["taskset", "-c", "0", "curl", "-s", "-o", str(answer), "-w", "%{http_code} %{time_total}",
+        out = sh(["taskset", "-c", "0", "curl", "-s", *flags, "-o", str(answer), "-w", "%{http_code} %{time_total}",
                   "--data-binary", f"@{blob}", "-H", "Content-Type: application/octet-stream",
-                  f"http://127.0.0.1:{port}/_matrix/media/v3/upload"]).stdout
+                  f"{scheme}://127.0.0.1:{port}/_matrix/media/v3/upload"]).stdout
         wall = time.time() - t0
         peak = status_kib(pids, "VmHWM")
         code, secs = out.split()
@@ -539,7 +542,7 @@ def upload(name, port, pids, blob, tries=7):
         r["status"] = 0
         print(f"  !! {name}: the worker did not get the whole body ({[x['worker_bytes'] for x in runs]} bytes of "
               f"{size}): this run does not count", flush=True)
-    print(f"  {name:10} 50 MiB upload {r['seconds']:.4f} s (median of {tries}; with curl's start "
+    print(f"  {name:10} 50 MiB upload over {proto} {r['seconds']:.4f} s (median of {tries}; with curl's start "
           f"{r['wall_seconds']:.3f} s)  status {r['status']}  worker got {r['worker_bytes']} bytes  "
           f"peak RSS growth {r['peak_rss_growth_mib']:.1f} MiB", flush=True)
     return r
@@ -687,6 +690,11 @@ def main():
             results["upload"] = {"direct": upload("direct", PORT["direct-upload"], [], blob),
                                  "nginx": upload("nginx", PORT["nginx"], nginx_pids, blob),
                                  "edge": upload("edge", PORT["edge"], edge_pids, blob)}
+            # The same over TLS, as clients on the public edge send it
+            # (no direct baseline: the workers speak no TLS).
+            results["upload_tls"] = {f"{name}-{proto}": upload(name, PORT[f"{name}-tls"], pids, blob, proto=proto)
+                                     for proto in ("https", "h2")
+                                     for name, pids in (("nginx", nginx_pids), ("edge", edge_pids))}
             media.send_signal(signal.SIGTERM)
             media.wait(10)
             workers = restart_workers(run, workers, log="workers-after-upload.log")
@@ -794,18 +802,23 @@ def report(res):
                       f"({', '.join(noisy)}); look for other load on the machine and run again before trusting "
                       f"the ratios."]
     up = res["upload"]
-    failed = [k for k, v in up.items() if v["status"] != 200]
+    up_tls = res.get("upload_tls", {})
+    failed = [k for k, v in {**up, **up_tls}.items() if v["status"] != 200]
     if failed:
         # An error answer, or a worker that did not get every byte: no
         # upload figure of this run says anything.
         lines[1:1] = ["", f"**Upload does not count**: {', '.join(failed)} answered an error or did not deliver "
                       f"the whole body to the worker (see the run's output)."]
     lines.append(f"| 50 MiB upload time edge / nginx | {up['edge']['seconds']/up['nginx']['seconds']:.2f} |")
+    for proto, over in (("https", "HTTPS"), ("h2", "HTTP/2")):
+        if f"edge-{proto}" in up_tls:
+            lines.append(f"| 50 MiB upload over {over}, time edge / nginx | "
+                         f"{up_tls[f'edge-{proto}']['seconds']/up_tls[f'nginx-{proto}']['seconds']:.2f} |")
     lines.append("")
     lines.append("| 50 MiB upload (median of 7; to a worker that reads it all first) | seconds (curl's) | "
                  "seconds with curl's start | bytes the worker got | peak RSS growth MiB |")
     lines.append("|---|---|---|---|---|")
-    for k, v in up.items():
+    for k, v in {**up, **up_tls}.items():
         lines.append(f"| {k} | {v['seconds']:.4f} | {v['wall_seconds']:.3f} | {v['worker_bytes']} | "
                      f"{v['peak_rss_growth_mib']:.1f} |")
     lp = res["longpoll"]
