@@ -161,7 +161,7 @@ pub async fn serve<I: ClientIo>(
     loop {
         // The head is used up in the arm: a parked request's state holds
         // the proxy's future and nothing of the head beside it.
-        let (handled, keep_alive, version, is_head) = match next_head(
+        let (req, keep_alive, version, is_head) = match next_head(
             &conn,
             &client.timer,
             settings,
@@ -172,12 +172,7 @@ pub async fn serve<I: ClientIo>(
         {
             Next::Head(head) => {
                 let facts = (head.keep_alive, head.version, head.method == Method::HEAD);
-                let handled = WhileClientStays {
-                    conn: &conn,
-                    watching: true,
-                    serving: proxy.handle(into_request(head, &conn), &client),
-                };
-                (handled, facts.0, facts.1, facts.2)
+                (into_request(head, &conn), facts.0, facts.1, facts.2)
             }
             Next::Closed => break,
             Next::HeadTimedOut => {
@@ -220,6 +215,14 @@ pub async fn serve<I: ClientIo>(
         };
         first = false;
         open.get_or_insert_with(|| OpenConnection::count(proxy, &client, "h1"));
+        // The proxy's future (about 3 KiB) is built where it is awaited:
+        // built in the arm above, it was copied whole twice more on its
+        // way into this task's state, each request.
+        let handled = WhileClientStays {
+            conn: &conn,
+            watching: true,
+            serving: proxy.handle(req, &client),
+        };
         let Some(resp) = handled.await else {
             // The client left: dropping the request cancelled its exchange.
             break;
