@@ -615,10 +615,12 @@ impl Snapshot {
                 progress.clone(),
                 Some(body_bytes.clone()),
             );
-            match self
-                .attempt(worker, &head, body, timeout, &progress, &conn.timer)
-                .await
-            {
+            // One try at one worker. The send future (about 0.9 KiB) is
+            // pinned where it is made and lent to the timeout: handed
+            // over by value it was copied whole three more times per
+            // request on its way into this state.
+            let send = std::pin::pin!(self.upstreams.send(worker, &head, body));
+            match answer_within(send, timeout, &progress, &conn.timer).await {
                 Ok(resp) => {
                     served.upstream = sent_at.map(|t| t.elapsed());
                     let (mut parts, body) = resp.into_parts();
@@ -666,35 +668,14 @@ impl Snapshot {
             ),
         }
     }
-
-    /// One try at one worker, with the response timeout counted from the
-    /// request body's last progress (an upload is never cut while it flows).
-    fn attempt<'a>(
-        &self,
-        worker: WorkerId,
-        head: &'a Head<'a>,
-        body: RequestBody,
-        timeout: Duration,
-        progress: &'a BodyProgress,
-        timer: &'a ConnTimer,
-    ) -> impl Future<Output = Result<Response<crate::upstream::PooledBody>, AttemptError>> + 'a
-    {
-        // Not an async fn: the body moves straight into the send future
-        // instead of being kept twice in a parked request's state.
-        answer_within(
-            self.upstreams.send(worker, head, body),
-            timeout,
-            progress,
-            timer,
-        )
-    }
 }
 
 pin_project_lite::pin_project! {
-    /// Waits for `send`, with the response timeout counted from the
-    /// request body's last progress (an upload is never cut while it
-    /// flows). A hand-written future, not an async fn: that would keep
-    /// `send` twice in every waiting request's state.
+    /// Waits for `send` (the worker exchange, pinned by the caller), with
+    /// the response timeout counted from the request body's last progress
+    /// (an upload is never cut while it flows). A hand-written future, not
+    /// an async fn: that would keep `send` twice in every waiting
+    /// request's state.
     struct AnswerWithin<'a, F> {
         #[pin]
         send: F,
