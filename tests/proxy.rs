@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::harness::{Harness, wait_for_cancelled, wait_for_requests};
+use common::harness::{Harness, streamed, wait_for_cancelled, wait_for_requests};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -227,10 +227,7 @@ async fn an_oversized_body_gets_413_and_never_reaches_the_worker() {
         "the worker saw the oversized request"
     );
     // Chunked and too large: cut off, answered 413.
-    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = (0..40)
-        .map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![7u8; 64 * 1024]))))
-        .collect();
-    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+    let body = streamed(40, Bytes::from(vec![7u8; 64 * 1024]));
     let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new()).build_http();
     let resp = client
         .request(
@@ -246,19 +243,12 @@ async fn an_oversized_body_gets_413_and_never_reaches_the_worker() {
     assert_eq!(v["errcode"], "M_TOO_LARGE");
     // Declared too large over HTTP/2: refused from its `content-length`.
     let before = media.stats.requests();
-    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    let resp = h2
-        .request(
-            Request::post(format!("{}/_matrix/media/v3/upload", h.base))
-                .header("content-length", "2000000")
-                .body(Full::new(Bytes::from(vec![7u8; 2_000_000])))
-                .unwrap(),
+    let (_h2, resp) = h
+        .send_h2(
+            Request::post("/_matrix/media/v3/upload").header("content-length", "2000000"),
+            Full::new(Bytes::from(vec![7u8; 2_000_000])),
         )
-        .await
-        .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
+        .await;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
         media.stats.requests(),
@@ -281,22 +271,12 @@ async fn a_body_reaches_the_worker_framed_as_the_client_declared_it() {
     );
     assert_eq!(seen["body_bytes"], 11);
     // HTTP/2 without a length: chunked to the worker, which speaks HTTP/1.1.
-    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = (0..3)
-        .map(|_| Ok(hyper::body::Frame::data(Bytes::from_static(b"0123456789"))))
-        .collect();
-    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
-    let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    let resp = client
-        .request(
-            Request::put(format!("{}{target}", h.base))
-                .body(body)
-                .unwrap(),
+    let (_client, resp) = h
+        .send_h2(
+            Request::put(target.as_str()),
+            streamed(3, Bytes::from_static(b"0123456789")),
         )
-        .await
-        .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
+        .await;
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(seen["headers"]["transfer-encoding"], "chunked");
@@ -412,21 +392,9 @@ async fn steady_traffic_reuses_upstream_connections() {
 #[tokio::test]
 async fn http2_cleartext_clients_are_served() {
     let h = Harness::start("").await;
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    let resp = client
-        .request(
-            Request::get(format!(
-                "{}/_matrix/client/v3/rooms/{ROOM}/messages?dir=b",
-                h.base
-            ))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (_client, resp) = h
+        .get_h2(&format!("/_matrix/client/v3/rooms/{ROOM}/messages?dir=b"))
+        .await;
     assert!(
         resp.headers()["x-worker"]
             .to_str()

@@ -174,20 +174,52 @@ impl Harness {
         Client<HttpConnector, Full<Bytes>>,
         http::Response<hyper::body::Incoming>,
     ) {
+        self.send_h2(Request::get(target), Full::new(Bytes::new()))
+            .await
+    }
+
+    /// A request (its target a path on the edge) over cleartext HTTP/2
+    /// (prior knowledge), with any body: checks that it was answered over
+    /// HTTP/2, and returns the client, whose connection lives as long as
+    /// it does.
+    pub async fn send_h2<B>(
+        &self,
+        req: http::request::Builder,
+        body: B,
+    ) -> (
+        Client<HttpConnector, B>,
+        http::Response<hyper::body::Incoming>,
+    )
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build_http();
-        let resp = client
-            .request(
-                Request::get(format!("{}{target}", self.base))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
+        let target = req.uri_ref().map(|u| u.to_string()).unwrap_or_default();
+        let req = req
+            .uri(format!("{}{target}", self.base))
+            .body(body)
             .unwrap();
+        let resp = client.request(req).await.unwrap();
         assert_eq!(resp.version(), http::Version::HTTP_2);
         (client, resp)
     }
+}
+
+/// A request body streamed as `frames` frames of `chunk` each, with no
+/// declared length (so an HTTP/1 client sends it chunked).
+pub fn streamed(
+    frames: usize,
+    chunk: Bytes,
+) -> impl hyper::body::Body<Data = Bytes, Error = std::convert::Infallible> + Send + Unpin + 'static
+{
+    let frames: Vec<_> = (0..frames)
+        .map(|_| Ok(hyper::body::Frame::data(chunk.clone())))
+        .collect();
+    http_body_util::StreamBody::new(futures_util::stream::iter(frames))
 }
 
 /// Waits (up to 2 s) until a worker has started `n` requests.
