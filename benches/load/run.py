@@ -147,8 +147,9 @@ def core_busy_seconds(cpu=1):
     return 0.0
 
 
-def switches(pids):
-    """Context switches (voluntary + involuntary) of these processes so far."""
+def switches(pids, pattern=r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)"):
+    """Context switches (voluntary + involuntary) of these processes so far;
+    with INVOLUNTARY, only those where the process was preempted."""
     total = 0
     for p in pids:
         for t in Path(f"/proc/{p}/task").glob("*"):
@@ -156,8 +157,11 @@ def switches(pids):
                 text = (t / "status").read_text()
             except OSError:
                 continue
-            total += sum(int(n) for n in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", text, re.M))
+            total += sum(int(n) for n in re.findall(pattern, text, re.M))
     return total
+
+
+INVOLUNTARY = r"^nonvoluntary_ctxt_switches:\s+(\d+)"
 
 
 def reset_peak(pids):
@@ -413,6 +417,7 @@ def flame_graphs():
 
 def measured(name, port, pids, tls=False, load=wrk, scenario=None):
     a0, c0, s0, w0, wc0 = accepts(), cpu_seconds(pids), switches(pids), switches(WORKER_PIDS), cpu_seconds(WORKER_PIDS)
+    i0 = switches(pids, INVOLUNTARY)
     k0 = core_busy_seconds()
     perf = perf_record(name, scenario, pids)
     r = load(port, tls)
@@ -423,13 +428,14 @@ def measured(name, port, pids, tls=False, load=wrk, scenario=None):
     r["cpu_us_per_request"] = (cpu_seconds(pids) - c0) / r["requests"] * 1e6
     r["switches_per_request"] = (switches(pids) - s0) / r["requests"]
     r["worker_switches_per_request"] = (switches(WORKER_PIDS) - w0) / r["requests"]
+    r["preempted_per_request"] = (switches(pids, INVOLUNTARY) - i0) / r["requests"]
     r["worker_cpu_us_per_request"] = (cpu_seconds(WORKER_PIDS) - wc0) / r["requests"] * 1e6
     r["upstream_conns_per_10k"] = (accepts() - a0 - 1) / r["requests"] * 10000
     if r["non2xx"] or r["errors"]:
         print(f"  !! {name}: {r['non2xx']} non-2xx answers and {r['errors']} errors: this run does not count", flush=True)
     tail = f"  p99.9 {r['p999_us']/1000:6.2f} ms  max {r['max_us']/1000:5.1f} ms" if "p999_us" in r else ""
     print(f"  {name:10} {r['rps']:>9.0f} rps  p50 {r['p50_us']/1000:6.2f} ms  p99 {r['p99_us']/1000:6.2f} ms{tail}  "
-          f"cpu {r['cpu_us_per_request']:5.1f} us/req  core 1 busy {r['core_us_per_request']:5.1f} us/req  ctx sw/req {r['switches_per_request']:.2f}  "
+          f"cpu {r['cpu_us_per_request']:5.1f} us/req  core 1 busy {r['core_us_per_request']:5.1f} us/req  ctx sw/req {r['switches_per_request']:.2f} ({r['preempted_per_request']:.2f} preempted)  "
           f"workers: cpu {r['worker_cpu_us_per_request']:4.1f} us/req ctx sw/req {r['worker_switches_per_request']:.2f}  non-2xx {r['non2xx']}  upstream conns/10k {r['upstream_conns_per_10k']:.2f}", flush=True)
     return r
 
