@@ -317,6 +317,23 @@ pub struct Cursor {
     offset: usize,
 }
 
+impl Cursor {
+    /// Moves past `n` more bytes of `bufs` that the socket took.
+    pub fn advance(&mut self, bufs: &[&[u8]], mut n: usize) {
+        while n > 0 && self.index < bufs.len() {
+            let left = bufs[self.index].len() - self.offset;
+            if n < left {
+                self.offset += n;
+                n = 0;
+            } else {
+                n -= left;
+                self.index += 1;
+                self.offset = 0;
+            }
+        }
+    }
+}
+
 /// Writes every slice, in as few system calls as the socket allows.
 /// `written` counts what the socket took, so a failure can tell whether
 /// the worker may have seen any of the request.
@@ -346,24 +363,14 @@ pub fn poll_write_slices<W: AsyncWrite + Unpin + ?Sized>(
                         .map(|b| IoSlice::new(b)),
                 )
                 .collect();
-        let mut n = match Pin::new(&mut *conn).poll_write_vectored(cx, &slices) {
+        let n = match Pin::new(&mut *conn).poll_write_vectored(cx, &slices) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => n,
         };
         *written += n;
-        while n > 0 {
-            let left = bufs[at.index].len() - at.offset;
-            if n < left {
-                at.offset += n;
-                n = 0;
-            } else {
-                n -= left;
-                at.index += 1;
-                at.offset = 0;
-            }
-        }
+        at.advance(bufs, n);
     }
 }
 

@@ -6,7 +6,7 @@
 //! (rendezvous choice within a pool). [`state`] holds one consistent,
 //! validated snapshot of all of it.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod access_log;
 pub mod balancing;

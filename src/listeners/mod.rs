@@ -233,6 +233,11 @@ impl Threaded {
                             return;
                         }
                     };
+                    // Every task of this runtime is polled on this thread:
+                    // its requests to workers can be written together.
+                    if let Err(e) = crate::upstream::batch::enable() {
+                        tracing::info!(error = %e, "io_uring refused: requests to workers are written one system call each");
+                    }
                     rt.block_on(async move {
                         let mut listeners = Vec::new();
                         for b in bound {
@@ -708,6 +713,15 @@ impl Running {
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
             local.push(b.local_addr()?);
             bound.push(b);
+        }
+        // On a single-thread runtime (the tests') every task is polled on
+        // this thread, as on a serving thread: batch as they do.
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread
+            && !crate::upstream::batch::enabled()
+            && let Err(e) = crate::upstream::batch::enable()
+        {
+            tracing::info!(error = %e, "io_uring refused: requests to workers are written one system call each");
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(bound, proxy, settings, async move {
