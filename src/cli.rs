@@ -545,6 +545,11 @@ fn startup_line(state: &EdgeState, specs: &[ListenerSpec], addrs: &[ListenAddr])
         routes = state.routes.routes().len() - 1,
         open_files_limit = limits.map_or(0, |p| p.open_files),
         descriptor_table = limits.map_or(0, |p| p.reserved),
+        worker_writes = if crate::upstream::batch::supported() {
+            "batched (io_uring)"
+        } else {
+            "one system call each (io_uring refused)"
+        },
         "synapse-edge serving"
     );
     if let Some(p) = limits.filter(|p| p.open_files < crate::process::LOW_OPEN_FILES) {

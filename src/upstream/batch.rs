@@ -91,6 +91,12 @@ pub fn enable() -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this process may batch (the kernel, or a seccomp profile, may
+/// refuse `io_uring`), for the start-up log line.
+pub fn supported() -> bool {
+    IoUring::new(2).is_ok()
+}
+
 /// Whether this thread batches its writes to workers.
 pub fn enabled() -> bool {
     BATCH.with(|b| b.borrow().as_ref().is_some_and(|b| !b.broken))

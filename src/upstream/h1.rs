@@ -631,6 +631,27 @@ mod tests {
         assert_eq!(got, [head, body].concat());
     }
 
+    /// Where io_uring is refused (a seccomp profile, a kernel setting) the
+    /// request goes out one `writev` at a time, whole all the same.
+    #[tokio::test]
+    async fn without_batching_a_request_is_written_one_call_at_a_time() {
+        assert!(!super::super::batch::enabled());
+        let (edge, mut worker) = tokio::net::UnixStream::pair().expect("pair");
+        let mut conn = Conn::Unix(edge);
+        let head = b"PUT /x HTTP/1.1\r\ncontent-length: 2\r\n\r\n";
+        let mut written = 0;
+        write_at_turn_end(&mut conn, [head, b"", b"{}", b"", b""], &mut written)
+            .await
+            .expect("written");
+        assert_eq!(written, head.len() + 2);
+        drop(conn);
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut worker, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(got, [&head[..], b"{}"].concat());
+    }
+
     fn head(wire: &[u8], method: Method) -> AnswerHead {
         let mut buf = BytesMut::from(wire);
         parse_head(&mut buf, &method, AnswerHeaders::Map)
