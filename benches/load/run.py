@@ -762,17 +762,17 @@ def report(res):
     rows = []
     for sc in ("http", "https", "h2", "logged"):
         r = res[sc]
-        m = {k: {f: mean([x[f] for x in v]) for f in ("rps", "p50_us", "p99_us", "cpu_us_per_request", "core_us_per_request", "switches_per_request",
-                                                     "worker_cpu_us_per_request", "upstream_conns_per_10k", "non2xx")} for k, v in r.items() if v}
+        m = {k: {f: mean([x.get(f, 0) for x in v]) for f in ("rps", "p50_us", "p99_us", "cpu_us_per_request", "core_us_per_request", "switches_per_request",
+                                                     "preempted_per_request", "worker_cpu_us_per_request", "upstream_conns_per_10k", "non2xx")} for k, v in r.items() if v}
         rows.append((sc, m))
     lines = [f"Run {res['date']} on {res['machine']}; {res['rounds']} rounds of {res['seconds']} s, wrk 1 thread, {res['connections']} connections.", ""]
     lines += [f"- {k}: {v}" for k, v in res["builds"].items()] + [""]
-    lines.append("| scenario | target | rps | p50 ms | p99 ms | CPU µs/req | core 1 busy µs/req | context switches/req | workers' CPU µs/req | upstream conns per 10k | non-2xx |")
+    lines.append("| scenario | target | rps | p50 ms | p99 ms | CPU µs/req | core 1 busy µs/req | context switches/req (of them preempted) | workers' CPU µs/req | upstream conns per 10k | non-2xx |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for sc, m in rows:
         for k, v in m.items():
             lines.append(f"| {sc} | {k} | {v['rps']:.0f} | {v['p50_us']/1000:.2f} | {v['p99_us']/1000:.2f} | "
-                         f"{v['cpu_us_per_request']:.1f} | {v['core_us_per_request']:.1f} | {v['switches_per_request']:.2f} | {v['worker_cpu_us_per_request']:.1f} | "
+                         f"{v['cpu_us_per_request']:.1f} | {v['core_us_per_request']:.1f} | {v['switches_per_request']:.2f} ({v['preempted_per_request']:.2f}) | {v['worker_cpu_us_per_request']:.1f} | "
                          f"{v['upstream_conns_per_10k']:.2f} | {v['non2xx']:.0f} |")
     lines.append("")
     lines.append("| ratio | value |")
