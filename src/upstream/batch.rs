@@ -31,6 +31,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
+use rustc_hash::FxHashMap;
 
 /// Submission queue size: a turn's writes beyond it go in further calls.
 const RING_ENTRIES: u32 = 256;
@@ -56,7 +57,10 @@ struct Batch {
     queued: Vec<Queued>,
     /// Results of flushed writes not yet collected by their futures: bytes
     /// sent, or a negated `errno`.
-    done: Vec<(u64, i32)>,
+    done: FxHashMap<u64, i32>,
+    /// Every write with a smaller id has been flushed (ids grow, and a
+    /// flush takes everything queued).
+    flushed_below: u64,
     next_id: u64,
     /// A flush failed: no more writes are queued.
     broken: bool,
@@ -83,7 +87,8 @@ pub fn enable() -> io::Result<()> {
         *b.borrow_mut() = Some(Batch {
             ring,
             queued: Vec::new(),
-            done: Vec::new(),
+            done: FxHashMap::default(),
+            flushed_below: 0,
             next_id: 0,
             broken: false,
         })
@@ -135,6 +140,9 @@ pub async fn write_at_turn_end<const N: usize>(
     })
 }
 
+/// The id of an entry that batching had stopped for.
+const NOT_QUEUED: u64 = u64::MAX;
+
 /// A queued write, owned by its future: dropping it withdraws the write if
 /// it has not gone yet (the client left), or forgets its result.
 struct Entry {
@@ -146,7 +154,7 @@ impl Entry {
         BATCH.with(|b| {
             let mut b = b.borrow_mut();
             let Some(b) = b.as_mut().filter(|b| !b.broken) else {
-                return Entry { id: u64::MAX };
+                return Entry { id: NOT_QUEUED };
             };
             let id = b.next_id;
             b.next_id += 1;
@@ -163,10 +171,13 @@ impl Entry {
     /// This write's result, flushing the turn's writes first if no other
     /// future of the turn did. `None` when it was never queued.
     fn take(&self) -> Option<i32> {
+        if self.id == NOT_QUEUED {
+            return None;
+        }
         BATCH.with(|cell| {
             let mut slot = cell.borrow_mut();
             let b = slot.as_mut()?;
-            if b.queued.iter().any(|q| q.id == self.id)
+            if self.id >= b.flushed_below
                 && let Err(e) = flush(b)
             {
                 // Every write of the turn has its result all the same
@@ -174,19 +185,24 @@ impl Entry {
                 tracing::warn!(error = %e, "batched writes to workers failed; writing them one by one from now on");
                 b.broken = true;
             }
-            let at = b.done.iter().position(|(id, _)| *id == self.id)?;
-            Some(b.done.swap_remove(at).1)
+            b.done.remove(&self.id)
         })
     }
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
+        if self.id == NOT_QUEUED {
+            return;
+        }
         BATCH.with(|cell| {
             // Never re-entered: nothing drops a future while a flush runs.
             if let Some(b) = cell.borrow_mut().as_mut() {
-                b.queued.retain(|q| q.id != self.id);
-                b.done.retain(|(id, _)| *id != self.id);
+                if self.id >= b.flushed_below {
+                    b.queued.retain(|q| q.id != self.id);
+                } else {
+                    b.done.remove(&self.id);
+                }
             }
         });
     }
@@ -231,7 +247,7 @@ fn flush(b: &mut Batch) -> io::Result<()> {
                 if unsafe { sq.push(&sqe) }.is_ok() {
                     waiting.push(w.id);
                 } else {
-                    b.done.push((w.id, -libc::EAGAIN));
+                    b.done.insert(w.id, -libc::EAGAIN);
                 }
             }
         }
@@ -241,6 +257,7 @@ fn flush(b: &mut Batch) -> io::Result<()> {
         }
         drop(headers);
     }
+    b.flushed_below = b.next_id;
     match failed {
         None => Ok(()),
         Some(e) => {
@@ -286,7 +303,7 @@ fn reap(b: &mut Batch, waiting: &mut Vec<u64>) {
         let id = cqe.user_data();
         if let Some(at) = waiting.iter().position(|w| *w == id) {
             waiting.swap_remove(at);
-            b.done.push((id, cqe.result()));
+            b.done.insert(id, cqe.result());
         }
     }
 }
@@ -362,6 +379,32 @@ mod tests {
             assert_eq!(
                 read_exactly(&mut worker, n).await,
                 format!("{head}body").into_bytes()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_turn_with_more_writes_than_the_ring_holds_sends_them_all() {
+        enable().expect("io_uring on the test machine");
+        let count = RING_ENTRIES as usize + 44;
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..count)
+            .map(|_| UnixStream::pair().expect("pair"))
+            .collect();
+        let before = submissions();
+        let writes = pairs
+            .iter()
+            .map(|(edge, _)| write_at_turn_end(fd(edge), [b"GET / HTTP/1.1\r\n\r\n".as_slice()]));
+        let results = futures_util::future::join_all(writes).await;
+        assert_eq!(
+            submissions() - before,
+            2,
+            "a full ring's worth per submission"
+        );
+        for ((_, mut worker), result) in pairs.into_iter().zip(results) {
+            let n = result.expect("batched").expect("sent");
+            assert_eq!(
+                read_exactly(&mut worker, n).await,
+                b"GET / HTTP/1.1\r\n\r\n"
             );
         }
     }
