@@ -331,13 +331,25 @@ fn cancel(b: &mut Batch, waiting: &mut Vec<u64>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Instant;
 
     use tokio::io::AsyncReadExt;
     use tokio::net::UnixStream;
 
     use super::*;
+
+    /// Batching on for this test's thread. These tests need `io_uring`, as
+    /// the serving threads do to batch; where it is refused they fail
+    /// with the reason.
+    pub(crate) fn must_enable() {
+        if let Err(e) = enable() {
+            panic!(
+                "io_uring refused ({e}): a seccomp profile or kernel.io_uring_disabled; \
+                 these tests need it"
+            );
+        }
+    }
 
     /// How many times this thread entered the kernel to submit writes.
     fn submissions() -> u64 {
@@ -356,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_turns_writes_to_many_workers_go_in_one_system_call() {
-        enable().expect("io_uring on the test machine");
+        must_enable();
         let pairs: Vec<(UnixStream, UnixStream)> =
             (0..20).map(|_| UnixStream::pair().expect("pair")).collect();
         let heads: Vec<String> = (0..20)
@@ -385,7 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_turn_with_more_writes_than_the_ring_holds_sends_them_all() {
-        enable().expect("io_uring on the test machine");
+        must_enable();
         let count = RING_ENTRIES as usize + 44;
         let pairs: Vec<(UnixStream, UnixStream)> = (0..count)
             .map(|_| UnixStream::pair().expect("pair"))
@@ -411,7 +423,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_takes_nothing_and_the_turn_does_not_wait_for_it() {
-        enable().expect("io_uring on the test machine");
+        must_enable();
         let (edge, _worker) = UnixStream::pair().expect("pair");
         let chunk = vec![b'x'; 64 << 10];
         let mut filled = 0;
@@ -441,7 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_whose_request_went_away_is_never_sent() {
-        enable().expect("io_uring on the test machine");
+        must_enable();
         let (edge_a, mut worker_a) = UnixStream::pair().expect("pair");
         let (edge_b, mut worker_b) = UnixStream::pair().expect("pair");
         let mut gone = Box::pin(write_at_turn_end(fd(&edge_a), [b"abandoned".as_slice()]));
@@ -461,7 +473,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_that_closed_its_end_is_an_error_not_a_signal() {
-        enable().expect("io_uring on the test machine");
+        must_enable();
         let (edge, worker) = UnixStream::pair().expect("pair");
         drop(worker);
         let err = write_at_turn_end(fd(&edge), [b"GET / HTTP/1.1\r\n\r\n".as_slice()])

@@ -610,7 +610,7 @@ mod tests {
     /// sends what fits, the rest follows as the worker reads, in order.
     #[tokio::test]
     async fn a_request_the_socket_cannot_take_at_once_arrives_whole() {
-        super::super::batch::enable().expect("io_uring on the test machine");
+        super::super::batch::tests::must_enable();
         let (edge, mut worker) = tokio::net::UnixStream::pair().expect("pair");
         let mut conn = Conn::Unix(edge);
         let head = b"POST /upload HTTP/1.1\r\ncontent-length: 3000000\r\n\r\n".to_vec();
