@@ -39,6 +39,9 @@ pub struct Metrics {
     pub tls_handshake_errors: IntCounter,
     /// Brought up to `access_log::dropped_total()` when scraped.
     pub access_log_dropped: IntCounter,
+    /// Both brought up to `upstream::batch::totals()` when scraped.
+    pub upstream_write_batches: IntCounter,
+    pub upstream_batched_writes: IntCounter,
     pub build_info: IntGaugeVec,
 }
 
@@ -113,6 +116,20 @@ impl Metrics {
             IntCounter::new(
                 "synapse_edge_access_log_lines_dropped_total",
                 "Access log lines dropped because stderr took nothing while 4 MiB of them waited",
+            ),
+        );
+        let upstream_write_batches = register(
+            &r,
+            IntCounter::new(
+                "synapse_edge_upstream_write_batches_total",
+                "Submissions (io_uring) that wrote a serving thread's requests of one turn to the workers",
+            ),
+        );
+        let upstream_batched_writes = register(
+            &r,
+            IntCounter::new(
+                "synapse_edge_upstream_batched_writes_total",
+                "Requests' first writes to workers sent in those submissions",
             ),
         );
         Metrics {
@@ -238,6 +255,8 @@ impl Metrics {
             tls_handshakes,
             tls_handshake_errors,
             access_log_dropped,
+            upstream_write_batches,
+            upstream_batched_writes,
             registry: r,
         }
     }
@@ -248,6 +267,12 @@ impl Metrics {
         let dropped = crate::access_log::dropped_total();
         self.access_log_dropped
             .inc_by(dropped.saturating_sub(self.access_log_dropped.get()));
+        // Counted by the serving threads, process-wide, once per batch.
+        let (batches, writes) = crate::upstream::batch::totals();
+        self.upstream_write_batches
+            .inc_by(batches.saturating_sub(self.upstream_write_batches.get()));
+        self.upstream_batched_writes
+            .inc_by(writes.saturating_sub(self.upstream_batched_writes.get()));
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -286,6 +286,38 @@ async fn a_known_request_mix_is_counted_by_route_worker_and_status() {
     );
 }
 
+/// Requests to workers go out in batches, one submission per turn, and
+/// the metrics say so (they stay at 0 where io_uring is refused).
+#[tokio::test]
+async fn requests_written_to_workers_together_are_counted() {
+    let h = Harness::start("").await;
+    let totals = |text: &str| {
+        let samples = parse_exposition(text);
+        (
+            value(&samples, "synapse_edge_upstream_write_batches_total", &[]),
+            value(&samples, "synapse_edge_upstream_batched_writes_total", &[]),
+        )
+    };
+    let (batches_before, writes_before) = totals(&h.proxy.metrics().encode());
+    let targets: Vec<String> = (0..20)
+        .map(|i| format!("/_matrix/client/v3/rooms/{ROOM}/messages?i={i}"))
+        .collect();
+    let answers = futures_util::future::join_all(targets.iter().map(|t| h.get(t))).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    let (batches, writes) = totals(&h.proxy.metrics().encode());
+    // Other tests of this binary may send requests meanwhile: at least
+    // these twenty, in at least one batch.
+    assert!(
+        writes - writes_before >= 20.0,
+        "{writes_before} -> {writes}"
+    );
+    assert!(
+        batches - batches_before >= 1.0,
+        "{batches_before} -> {batches}"
+    );
+    assert!(batches <= writes);
+}
+
 #[tokio::test]
 async fn no_label_carries_a_room_user_or_token() {
     let h = Harness::start("").await;
