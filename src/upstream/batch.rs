@@ -97,10 +97,7 @@ struct Queued {
 /// polls every task on that thread (a current-thread runtime). Returns
 /// whether the kernel allows it; otherwise writes stay one call each.
 pub fn enable() -> io::Result<()> {
-    let ring = IoUring::builder()
-        // The submitter is this one thread (lets the kernel skip locking).
-        .setup_single_issuer()
-        .build(RING_ENTRIES)?;
+    let ring = new_ring()?;
     BATCH.with(|b| {
         *b.borrow_mut() = Some(Batch {
             ring,
@@ -114,10 +111,28 @@ pub fn enable() -> io::Result<()> {
     Ok(())
 }
 
+/// A ring as batching needs it: one submitter (Linux 6.0 and later, which
+/// also fail a send that has `MSG_DONTWAIT` at once rather than waiting
+/// for room) and waits with a time limit (5.11). An older kernel, or one
+/// that refuses `io_uring`, gets the one-call-each path.
+fn new_ring() -> io::Result<IoUring> {
+    let ring = IoUring::builder()
+        // The submitter is this one thread (lets the kernel skip locking).
+        .setup_single_issuer()
+        .build(RING_ENTRIES)?;
+    if !ring.params().is_feature_ext_arg() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring without timed waits (Linux before 5.11)",
+        ));
+    }
+    Ok(ring)
+}
+
 /// Whether this process may batch (the kernel, or a seccomp profile, may
 /// refuse `io_uring`), for the start-up log line.
 pub fn supported() -> bool {
-    IoUring::new(2).is_ok()
+    new_ring().is_ok()
 }
 
 /// Whether this thread batches its writes to workers.
