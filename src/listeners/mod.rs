@@ -714,15 +714,6 @@ impl Running {
             local.push(b.local_addr()?);
             bound.push(b);
         }
-        // On a single-thread runtime (the tests') every task is polled on
-        // this thread, as on a serving thread: batch as they do.
-        if tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::CurrentThread
-            && !crate::upstream::batch::enabled()
-            && let Err(e) = crate::upstream::batch::enable()
-        {
-            tracing::info!(error = %e, "io_uring refused: requests to workers are written one system call each");
-        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(bound, proxy, settings, async move {
             let _ = rx.await;

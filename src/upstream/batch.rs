@@ -93,9 +93,12 @@ struct Queued {
     count: usize,
 }
 
-/// Sets up batching on this thread. Call it only on a thread whose runtime
-/// polls every task on that thread (a current-thread runtime). Returns
-/// whether the kernel allows it; otherwise writes stay one call each.
+/// Sets up batching on this thread. Call it only on a thread that alone
+/// drives a current-thread runtime, for as long as that runtime has
+/// requests in flight: a queued write points into its request's future,
+/// which must be polled and dropped on this thread (the serving threads of
+/// `listeners::Threaded`; a test's runtime). Fails where the kernel does
+/// not allow it; writes then stay one call each.
 pub fn enable() -> io::Result<()> {
     let ring = new_ring()?;
     BATCH.with(|b| {

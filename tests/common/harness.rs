@@ -100,6 +100,14 @@ impl Harness {
         let health = AbortOnDrop(tokio::spawn(synapse_edge::proxy::health_loop(
             proxy.clone(),
         )));
+        // A test's single-thread runtime polls every task on this thread,
+        // as a serving thread's does: batch requests to workers as the
+        // serving threads do.
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread
+        {
+            synapse_edge::upstream::batch::enable().unwrap();
+        }
         let edge = Running::start(proxy.clone(), &listeners, settings)
             .await
             .unwrap();
