@@ -100,14 +100,23 @@ struct Queued {
 /// `listeners::Threaded`; a test's runtime). Fails where the kernel does
 /// not allow it; writes then stay one call each.
 pub fn enable() -> io::Result<()> {
+    if enabled() {
+        return Ok(());
+    }
     let ring = new_ring()?;
     BATCH.with(|b| {
-        *b.borrow_mut() = Some(Batch {
+        let mut slot = b.borrow_mut();
+        // A batch that stopped after a failed flush: its writes' results
+        // and ids carry over, so that no future takes another's result.
+        let (done, next_id) = slot
+            .take()
+            .map_or_else(Default::default, |old| (old.done, old.next_id));
+        *slot = Some(Batch {
             ring,
             queued: Vec::new(),
-            done: FxHashMap::default(),
-            flushed_below: 0,
-            next_id: 0,
+            done,
+            flushed_below: next_id,
+            next_id,
             broken: false,
         })
     });
