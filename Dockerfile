@@ -3,6 +3,11 @@
 #   docker run --rm -v sockets:/sockets -v ./synapse:/data:ro -p 8008:8008 synapse-edge \
 #     run --synapse-config=/data/homeserver.yaml --synapse-config=/data/workers --listen 0.0.0.0:8008
 #   docker build --build-arg PGO=0 -t synapse-edge .   # plain `cargo build --release`
+# Docker's default seccomp profile refuses io_uring: the edge then writes its
+# requests to workers one system call each instead of one per batch (its
+# start-up line says worker_writes=...). A profile that also allows
+# io_uring_setup and io_uring_enter (--security-opt seccomp=<file>) gives
+# the batched writes.
 FROM rust:1.95-bookworm AS build
 # PGO=1: a profile-guided build (scripts/build-pgo.sh: an instrumented build
 # trained under a load of its own, then the optimised build; it installs
