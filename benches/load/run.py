@@ -147,21 +147,20 @@ def core_busy_seconds(cpu=1):
     return 0.0
 
 
-def switches(pids, pattern=r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)"):
-    """Context switches (voluntary + involuntary) of these processes so far;
-    with INVOLUNTARY, only those where the process was preempted."""
-    total = 0
+def switches(pids):
+    """Context switches of these processes so far: all of them (voluntary
+    and involuntary), and those where a process was preempted."""
+    total = preempted = 0
     for p in pids:
         for t in Path(f"/proc/{p}/task").glob("*"):
             try:
                 text = (t / "status").read_text()
             except OSError:
                 continue
-            total += sum(int(n) for n in re.findall(pattern, text, re.M))
-    return total
-
-
-INVOLUNTARY = r"^nonvoluntary_ctxt_switches:\s+(\d+)"
+            for kind, n in re.findall(r"^(non)?voluntary_ctxt_switches:\s+(\d+)", text, re.M):
+                total += int(n)
+                preempted += int(n) if kind else 0
+    return total, preempted
 
 
 def reset_peak(pids):
@@ -416,8 +415,7 @@ def flame_graphs():
 
 
 def measured(name, port, pids, tls=False, load=wrk, scenario=None):
-    a0, c0, s0, w0, wc0 = accepts(), cpu_seconds(pids), switches(pids), switches(WORKER_PIDS), cpu_seconds(WORKER_PIDS)
-    i0 = switches(pids, INVOLUNTARY)
+    a0, c0, (s0, i0), (w0, _), wc0 = accepts(), cpu_seconds(pids), switches(pids), switches(WORKER_PIDS), cpu_seconds(WORKER_PIDS)
     k0 = core_busy_seconds()
     perf = perf_record(name, scenario, pids)
     r = load(port, tls)
@@ -426,9 +424,10 @@ def measured(name, port, pids, tls=False, load=wrk, scenario=None):
         PROFILED[f"{scenario}-{name}"]["requests"] = r["requests"]
     r["core_us_per_request"] = (core_busy_seconds() - k0) / r["requests"] * 1e6
     r["cpu_us_per_request"] = (cpu_seconds(pids) - c0) / r["requests"] * 1e6
-    r["switches_per_request"] = (switches(pids) - s0) / r["requests"]
-    r["worker_switches_per_request"] = (switches(WORKER_PIDS) - w0) / r["requests"]
-    r["preempted_per_request"] = (switches(pids, INVOLUNTARY) - i0) / r["requests"]
+    s1, i1 = switches(pids)
+    r["switches_per_request"] = (s1 - s0) / r["requests"]
+    r["worker_switches_per_request"] = (switches(WORKER_PIDS)[0] - w0) / r["requests"]
+    r["preempted_per_request"] = (i1 - i0) / r["requests"]
     r["worker_cpu_us_per_request"] = (cpu_seconds(WORKER_PIDS) - wc0) / r["requests"] * 1e6
     r["upstream_conns_per_10k"] = (accepts() - a0 - 1) / r["requests"] * 10000
     if r["non2xx"] or r["errors"]:
