@@ -545,10 +545,9 @@ fn startup_line(state: &EdgeState, specs: &[ListenerSpec], addrs: &[ListenAddr])
         routes = state.routes.routes().len() - 1,
         open_files_limit = limits.map_or(0, |p| p.open_files),
         descriptor_table = limits.map_or(0, |p| p.reserved),
-        worker_writes = if crate::upstream::batch::supported() {
-            "batched (io_uring)"
-        } else {
-            "one system call each (io_uring refused)"
+        worker_writes = %match crate::upstream::batch::supported() {
+            Ok(()) => "batched (io_uring)".to_string(),
+            Err(e) => format!("one system call each (io_uring refused: {e})"),
         },
         "synapse-edge serving"
     );

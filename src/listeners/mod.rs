@@ -235,8 +235,9 @@ impl Threaded {
                     };
                     // Every task of this runtime is polled on this thread:
                     // its requests to workers can be written together.
+                    // (Why not, if not: the start-up line says, once.)
                     if let Err(e) = crate::upstream::batch::enable() {
-                        tracing::info!(error = %e, "io_uring refused: requests to workers are written one system call each");
+                        tracing::debug!(error = %e, "io_uring refused: requests to workers are written one system call each");
                     }
                     rt.block_on(async move {
                         let mut listeners = Vec::new();

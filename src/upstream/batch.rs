@@ -141,10 +141,11 @@ fn new_ring() -> io::Result<IoUring> {
     Ok(ring)
 }
 
-/// Whether this process may batch (the kernel, or a seccomp profile, may
-/// refuse `io_uring`), for the start-up log line.
-pub fn supported() -> bool {
-    new_ring().is_ok()
+/// Whether this process may batch, and if not why (an old kernel, or a
+/// seccomp profile or kernel setting that refuses `io_uring`): for the
+/// start-up log line.
+pub fn supported() -> io::Result<()> {
+    new_ring().map(drop)
 }
 
 /// Whether this thread batches its writes to workers.
@@ -160,13 +161,10 @@ pub async fn write_at_turn_end<const N: usize>(
     fd: RawFd,
     bufs: [&[u8]; N],
 ) -> Option<io::Result<usize>> {
-    if !enabled() {
-        return None;
-    }
     let slices: [IoSlice<'_>; N] = bufs.map(IoSlice::new);
     // `slices` lives in this future's state, which is pinned from its first
     // poll until it is dropped: the pointer stays good while it is queued.
-    let queued = Entry::queue(fd, slices.as_ptr().cast(), N);
+    let queued = Entry::queue(fd, slices.as_ptr().cast(), N)?;
     // Resumed after the runtime has looked for I/O once more, with the
     // other requests of the turn queued by then.
     tokio::task::yield_now().await;
@@ -180,13 +178,11 @@ pub async fn write_at_turn_end<const N: usize>(
         // Not sent: the socket was full, or the send was never made.
         Some(e) if -e == libc::EAGAIN || -e == libc::ECANCELED => Ok(0),
         Some(e) => Err(io::Error::from_raw_os_error(-e)),
-        // Never queued (batching had just stopped): nothing was sent.
+        // Every flushed write has a result (see `flush`); without one,
+        // nothing was sent.
         None => Ok(0),
     })
 }
-
-/// The id of an entry that batching had stopped for.
-const NOT_QUEUED: u64 = u64::MAX;
 
 /// A queued write, owned by its future: dropping it withdraws the write if
 /// it has not gone yet (the client left), or forgets its result.
@@ -195,12 +191,12 @@ struct Entry {
 }
 
 impl Entry {
-    fn queue(fd: RawFd, slices: *const IoSlice<'static>, count: usize) -> Entry {
+    /// Queues a write for the end of the turn; `None` where this thread
+    /// does not batch (or stopped after a failed flush).
+    fn queue(fd: RawFd, slices: *const IoSlice<'static>, count: usize) -> Option<Entry> {
         BATCH.with(|b| {
             let mut b = b.borrow_mut();
-            let Some(b) = b.as_mut().filter(|b| !b.broken) else {
-                return Entry { id: NOT_QUEUED };
-            };
+            let b = b.as_mut().filter(|b| !b.broken)?;
             let id = b.next_id;
             b.next_id += 1;
             b.queued.push(Queued {
@@ -209,16 +205,13 @@ impl Entry {
                 slices,
                 count,
             });
-            Entry { id }
+            Some(Entry { id })
         })
     }
 
     /// This write's result, flushing the turn's writes first if no other
-    /// future of the turn did. `None` when it was never queued.
+    /// future of the turn did.
     fn take(&self) -> Option<i32> {
-        if self.id == NOT_QUEUED {
-            return None;
-        }
         BATCH.with(|cell| {
             let mut slot = cell.borrow_mut();
             let b = slot.as_mut()?;
@@ -237,9 +230,6 @@ impl Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if self.id == NOT_QUEUED {
-            return;
-        }
         BATCH.with(|cell| {
             // Never re-entered: nothing drops a future while a flush runs.
             if let Some(b) = cell.borrow_mut().as_mut() {

@@ -632,9 +632,9 @@ mod tests {
     }
 
     /// Where io_uring is refused (a seccomp profile, a kernel setting) the
-    /// request goes out one `writev` at a time, whole all the same.
+    /// request goes out by `writev`, whole all the same.
     #[tokio::test]
-    async fn without_batching_a_request_is_written_one_call_at_a_time() {
+    async fn without_batching_a_request_still_arrives_whole() {
         assert!(!super::super::batch::enabled());
         let (edge, mut worker) = tokio::net::UnixStream::pair().expect("pair");
         let mut conn = Conn::Unix(edge);
